@@ -1,0 +1,1 @@
+"""OmniForcing core: a plain PyTorch library (no ComfyUI import)."""

@@ -1,0 +1,176 @@
+"""Per-layer K/V caches for block-by-block generation, one object per stream.
+
+Layout of every buffer: [sink block | slot 0 | slot 1 | ...]. Block 0 (the first block, which is
+the attention sink) has its own region; every later block has the same token count and goes into
+a slot. With a window of W blocks there are W + 1 slots used as a ring (W history blocks plus the
+block being generated), so the valid keys are always a contiguous prefix of the buffer: the
+attention reads `buffer[:, :valid]` with no mask and no copy. Attention does not care about key
+order, so a ring is exact. Without a window, slots grow with the stream.
+
+Four kinds per layer: `video_self` and `v2a` hold video-token keys, `audio_self` and `a2v` hold
+audio-token keys (A2V/V2A keys are projected by that layer's cross attention, so they are separate
+from the self-attention keys). With `rebase_rope` keys are stored un-rotated and rotated at read
+time with window-relative positions, so a stream can run past RoPE's 20 s range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .layout import Block, BlockLayout
+from .rope import RopeTable, apply_rope
+
+KINDS = ("video_self", "audio_self", "a2v", "v2a")
+VIDEO_KEYED = ("video_self", "v2a")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    window: Optional[int] = None  # history blocks kept besides the sink block; None keeps everything
+    rebase_rope: bool = False
+
+    def __post_init__(self):
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window={self.window}: keep at least 1 history block (or None for no eviction)")
+        if self.rebase_rope and self.window is None:
+            raise ValueError("rebase_rope needs a window (positions are re-based to the window)")
+
+    @property
+    def max_slots(self) -> Optional[int]:
+        return None if self.window is None else self.window + 1
+
+    def rebase_shift(self, k: int) -> int:
+        """Blocks to subtract from block indices >= 1 so the oldest window block sits right after the sink."""
+        if not self.rebase_rope or k == 0:
+            return 0
+        return max(0, k - self.window - 1)
+
+
+class StreamCache:
+    """K/V of every layer for one stream (any batch size; CFG streams use batch 2B)."""
+
+    def __init__(self, num_layers: int, layout: BlockLayout, tokens_per_latent: int, dims: dict[str, int],
+                 policy: CachePolicy = CachePolicy(), batch: int = 1, device="cpu", dtype=torch.float32):
+        self.layout, self.policy = layout, policy
+        self.num_layers, self.batch, self.device, self.dtype = num_layers, batch, torch.device(device), dtype
+        b0, b1 = layout.block(0), layout.block(1)
+        self.sink_len = {k: (b0.video_len * tokens_per_latent if k in VIDEO_KEYED else b0.audio_tokens) for k in KINDS}
+        self.slot_len = {k: (b1.video_len * tokens_per_latent if k in VIDEO_KEYED else b1.audio_tokens) for k in KINDS}
+        self.dims = dims
+        self.k: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
+        self.v: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
+        self.slot_blocks: list[int] = []  # block index held by each slot, in buffer order
+        self.block: Optional[Block] = None
+        self.read_rope: dict[str, RopeTable] = {}
+        self._slot: Optional[int] = None
+        self._filled = 0
+        self._visible: list[bool] = []
+        self._masks: dict[str, torch.Tensor] = {}
+        self.head = 0  # newest block begun
+        self._reserved_slots = 0
+
+    def reserve(self, num_blocks: int) -> None:
+        """Allocate for a known length up front (no regrowth, exact bytes)."""
+        self._reserved_slots = max(0, num_blocks - 1)
+
+    # -- bookkeeping shared by all layers ----------------------------------------------------
+    def begin_block(self, block: Block) -> None:
+        """Choose where this block's K/V go; call once before the block's forward passes.
+
+        A block older than the newest (a re-cache after a prompt switch) reuses its own slot and
+        sees only blocks up to itself, through a key mask.
+        """
+        self.block = block
+        self.head = max(self.head, block.index)
+        self._masks = {}
+        if block.index == 0:
+            self._slot, self._filled, self._visible = None, 0, []
+            return
+        j = block.index - 1
+        cap = self.policy.max_slots
+        self._slot = j if cap is None else j % cap
+        while len(self.slot_blocks) <= self._slot:
+            self.slot_blocks.append(-1)
+        held = self.slot_blocks[self._slot]
+        if held > block.index:
+            raise ValueError(f"block {block.index} was evicted from the cache (window {self.policy.window}); "
+                             f"only blocks still in the window can be re-cached")
+        self.slot_blocks[self._slot] = block.index
+        self._filled = sum(1 for b in self.slot_blocks if b >= 0)
+        self._visible = [b <= block.index for b in self.slot_blocks[: self._filled]]
+
+    def write_range(self, kind: str) -> tuple[int, int]:
+        if self._slot is None:
+            return 0, self.sink_len[kind]
+        start = self.sink_len[kind] + self._slot * self.slot_len[kind]
+        return start, start + self.slot_len[kind]
+
+    def valid_len(self, kind: str) -> int:
+        return self.sink_len[kind] + self._filled * self.slot_len[kind]
+
+    def key_mask(self, kind: str) -> Optional[torch.Tensor]:
+        """None when every valid key is visible (normal generation); else a bool [valid] mask."""
+        if all(self._visible):
+            return None
+        if kind not in self._masks:
+            parts = [torch.ones(self.sink_len[kind], dtype=torch.bool)]
+            parts += [torch.full((self.slot_len[kind],), vis, dtype=torch.bool) for vis in self._visible]
+            self._masks[kind] = torch.cat(parts).to(self.device)
+        return self._masks[kind]
+
+    def visible_blocks(self) -> list[int]:
+        """Block indices whose keys the current block sees, in buffer order (sink first)."""
+        return [0] + self.slot_blocks[: self._filled]
+
+    def cached_blocks(self) -> list[int]:
+        """Every block index the cache holds, oldest first."""
+        return [0] + sorted(b for b in self.slot_blocks if b >= 0)
+
+    # -- per layer ----------------------------------------------------------------------------
+    def _ensure(self, layer: int, kind: str, end: int) -> None:
+        buf = self.k[layer].get(kind)
+        have = 0 if buf is None else buf.shape[1]
+        if end <= have:
+            return
+        # grow by doubling the slot count (bounded by the window) to keep appends amortised
+        slots_needed = (end - self.sink_len[kind] + self.slot_len[kind] - 1) // self.slot_len[kind]
+        slots_have = max(0, (have - self.sink_len[kind]) // self.slot_len[kind])
+        slots = max(slots_needed, 2 * slots_have, self._reserved_slots)
+        if self.policy.max_slots is not None:
+            slots = min(slots, self.policy.max_slots)
+        cap = self.sink_len[kind] + slots * self.slot_len[kind]
+        shape = (self.batch, cap, self.dims[kind])
+        for store in (self.k[layer], self.v[layer]):
+            new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            if kind in store:
+                new[:, :have] = store[kind]
+            store[kind] = new
+
+    def update(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):
+        """Write the current block's K/V; return (keys, values, key mask or None) it may attend to."""
+        s, e = self.write_range(kind)
+        if k.shape[1] != e - s:
+            raise ValueError(f"{kind}: got {k.shape[1]} tokens for a block of {e - s}")
+        self._ensure(layer, kind, e)
+        kb, vb = self.k[layer][kind], self.v[layer][kind]
+        kb[:, s:e] = k.to(kb.dtype)
+        vb[:, s:e] = v.to(vb.dtype)
+        n = self.valid_len(kind)
+        keys = kb[:, :n]
+        if kind in self.read_rope:
+            keys = apply_rope(keys, self.read_rope[kind])
+        return keys, vb[:, :n], self.key_mask(kind)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in (self.k + self.v) for t in layer.values())
+
+    def estimate_bytes(self, num_blocks: int) -> int:
+        """Bytes the buffers reach after `num_blocks` blocks (for memory planning before allocating)."""
+        slots = max(0, num_blocks - 1)
+        if self.policy.max_slots is not None:
+            slots = min(slots, self.policy.max_slots)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = sum((self.sink_len[k] + slots * self.slot_len[k]) * self.dims[k] for k in KINDS)
+        return 2 * self.num_layers * self.batch * per_layer * item

@@ -1,0 +1,95 @@
+"""Command line: `python -m omniforcing_core {keys,info,demo,bench}`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def cmd_keys(args) -> int:
+    from .config import get_config
+    from .model import OmniForcingTransformer
+
+    cfg = get_config(args.config)
+    if args.sinks:
+        cfg = cfg.replace(num_audio_sinks=args.sinks)
+    with torch.device("meta"):  # shapes only: no memory for 19B parameters
+        model = OmniForcingTransformer(cfg)
+    keys = {args.prefix + k: list(v.shape) for k, v in model.state_dict().items()}
+    json.dump(keys, sys.stdout, indent=None if args.compact else 1)
+    print()
+    print(f"# {len(keys)} tensors, {sum(_numel(s) for s in keys.values()):,} parameters", file=sys.stderr)
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import scan
+    from .loader import infer_config, resolve_conventions
+
+    if len(args.paths) > 2:
+        print("info takes a base checkpoint and optionally an overlay", file=sys.stderr)
+        return 2
+    base = scan(args.paths[0], args.allow_pickle)
+    over = scan(args.paths[1], args.allow_pickle) if len(args.paths) > 1 else None
+    conv = resolve_conventions(base, over, None)
+    cfg = infer_config(base, conv, args.paths[0])
+    dtypes: dict[str, int] = {}
+    for r in base.refs.values():
+        dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1
+    info = {
+        "files": sorted({str(r.file) for r in base.refs.values()}),
+        "key_prefix": base.prefix or "<none>",
+        "tensors": len(base.refs),
+        "parameters": sum(r.numel() for r in base.refs.values()),
+        "ignored_tensors": len(base.ignored),
+        "dtypes": dtypes,
+        "layout": "prefix" if cfg.num_audio_sinks else "v2",
+        "audio_sink_tokens": cfg.num_audio_sinks,
+        "layers": cfg.num_layers,
+        "video": f"{cfg.video_heads}x{cfg.video_head_dim}={cfg.video_dim}",
+        "audio": f"{cfg.audio_heads}x{cfg.audio_head_dim}={cfg.audio_dim}",
+        "caption_channels": cfg.caption_channels,
+        "text_connectors": cfg.connectors is not None,
+        "conventions": {"rope": conv.rope_kind, "rope_precision": conv.rope_precision,
+                        "av_ca_timestep_scale_multiplier": conv.av_ca_timestep_scale_multiplier,
+                        "from": conv.source},
+        "header_config": base.config_json() is not None,
+    }
+    if over is not None:
+        info["overlay"] = {"files": sorted({str(r.file) for r in over.refs.values()}),
+                           "key_prefix": over.prefix or "<none>", "tensors": len(over.refs)}
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m omniforcing_core", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("keys", help="print {key: shape} of a config as JSON (no weights allocated)")
+    k.add_argument("--config", default="ltx2-19b")
+    k.add_argument("--prefix", default="", help="e.g. model.diffusion_model.")
+    k.add_argument("--sinks", type=int, default=0, help="add audio sink tokens (v1 checkpoints)")
+    k.add_argument("--compact", action="store_true")
+    k.set_defaults(fn=cmd_keys)
+    i = sub.add_parser("info", help="detected layout, conventions, parameter count and dtypes of checkpoint(s)")
+    i.add_argument("paths", nargs="+", help="base checkpoint [overlay]: file, *.index.json or folder")
+    i.add_argument("--allow-pickle", action="store_true", help="read .pt/.ckpt with torch.load(weights_only=True)")
+    i.set_defaults(fn=cmd_info)
+    from . import demo as _demo, bench as _bench
+    _demo.add_parser(sub)
+    _bench.add_parser(sub)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

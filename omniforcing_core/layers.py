@@ -1,0 +1,152 @@
+"""Building blocks of the LTX-2 dual-stream transformer, with LTX-2 parameter names.
+
+Every layer that owns weights is built through `ops` (an injectable namespace with `Linear` and
+`RMSNorm`), so ComfyUI can pass `comfy.ops` for offloading and fp8 casting.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RopeTable, apply_rope
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, Nq, H*d] x [B, Nk, H*d] -> [B, Nq, H*d]. mask: bool (True = attend) or additive."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.view(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free RMSNorm (LTX-2's pre-norm)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """x [B, F*t, D] with per-frame shift/scale [B, F, D] (AdaLN values are per frame, not per token)."""
+    b, n, d = x.shape
+    xf = x.view(b, n // tokens_per_frame, tokens_per_frame, d)
+    return torch.addcmul(shift[:, :, None], xf, 1 + scale[:, :, None]).view(b, n, d)
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return (x.view(b, n // tokens_per_frame, tokens_per_frame, d) * gate[:, :, None]).view(b, n, d)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first (flip_sin_to_cos), no frequency shift, float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+def _param(shape, dtype, device, std: float) -> nn.Parameter:
+    p = torch.empty(shape, dtype=dtype, device=device)
+    if p.device.type != "meta":
+        with torch.no_grad():
+            p.normal_(0.0, std)
+    return nn.Parameter(p)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, ops, dtype=None, device=None, in_dim: int = 256):
+        super().__init__()
+        self.linear_1 = ops.Linear(in_dim, dim, dtype=dtype, device=device)
+        self.linear_2 = ops.Linear(dim, dim, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _Emb(nn.Module):
+    def __init__(self, dim, ops, dtype=None, device=None):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim, ops, dtype, device)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """sigma -> sinusoid -> MLP = embedded timestep e; linear(silu(e)) = n*dim modulation values."""
+
+    def __init__(self, dim: int, n: int, ops, dtype=None, device=None):
+        super().__init__()
+        self.n, self.dim = n, dim
+        self.emb = _Emb(dim, ops, dtype, device)
+        self.linear = ops.Linear(dim, n * dim, dtype=dtype, device=device)
+
+    def forward(self, t_scaled: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """t_scaled [...]: returns ([..., n, dim], [..., dim])."""
+        shape = t_scaled.shape
+        e = self.emb.timestep_embedder(timestep_sinusoid(t_scaled.reshape(-1)).to(dtype))
+        vals = self.linear(F.silu(e))
+        return vals.view(*shape, self.n, self.dim), e.view(*shape, self.dim)
+
+
+class TextProjection(nn.Module):
+    """Caption projection: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, in_dim: int, dim: int, ops, dtype=None, device=None):
+        super().__init__()
+        self.linear_1 = ops.Linear(in_dim, dim, dtype=dtype, device=device)
+        self.linear_2 = ops.Linear(dim, dim, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim, inner, ops, dtype=None, device=None):
+        super().__init__()
+        self.proj = ops.Linear(dim, inner, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int, ops, dtype=None, device=None):
+        super().__init__()
+        self.net = nn.ModuleList([_GeluProj(dim, dim * mult, ops, dtype, device), nn.Identity(),
+                                  ops.Linear(dim * mult, dim, dtype=dtype, device=device)])
+
+    def forward(self, x):
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class Attention(nn.Module):
+    """LTX-2 attention: q/k RMSNorm over the whole inner dim (across heads), RoPE before the split."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, ops, eps=1e-6,
+                 dtype=None, device=None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = ops.Linear(query_dim, inner, dtype=dtype, device=device)
+        self.to_k = ops.Linear(context_dim, inner, dtype=dtype, device=device)
+        self.to_v = ops.Linear(context_dim, inner, dtype=dtype, device=device)
+        self.q_norm = ops.RMSNorm(inner, eps=eps, dtype=dtype, device=device)
+        self.k_norm = ops.RMSNorm(inner, eps=eps, dtype=dtype, device=device)
+        self.to_out = nn.ModuleList([ops.Linear(inner, query_dim, dtype=dtype, device=device), nn.Identity()])
+
+    def query(self, x: torch.Tensor, rope: Optional[RopeTable]) -> torch.Tensor:
+        return apply_rope(self.q_norm(self.to_q(x)), rope)
+
+    def key_value(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated keys and values (the caller or the cache applies RoPE)."""
+        return self.k_norm(self.to_k(ctx)), self.to_v(ctx)
+
+    def output(self, q, k, v, mask, attn_fn: AttentionFn) -> torch.Tensor:
+        return self.to_out[0](attn_fn(q, k, v, self.heads, mask))

@@ -1,0 +1,349 @@
+"""The OmniForcing dual-stream transformer (LTX-2 19B parameter names and shapes).
+
+The module holds weights only. Two forward paths share every layer:
+  * `forward` runs a whole sequence under the four block-causal masks (the reference), or
+    bidirectionally with `layout=None`;
+  * `forward_block` runs one block against a `StreamCache` (inference): each layer writes the
+    block's K/V into the cache and attends to everything the cache holds, with no mask.
+Latents cross the boundary in the native LTX-2 layout: video [B, 128, F, H/32, W/32], audio
+[B, 8, T, 16]; sigmas are per latent frame ([B, F] / [B, T]) or per sample ([B]). Returns
+velocities in the same layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import StreamCache
+from .config import ModelConfig
+from .layers import (AdaLayerNormSingle, Attention, AttentionFn, FeedForward, TextProjection, _param, gated,
+                     modulate, rms, sdpa_attention)
+from .layout import Block, BlockLayout, DEFAULT_TIME, TimeBase
+from .masks import Masks, cached_masks
+from .ops import default_ops
+from .rope import (RopeTable, apply_rope, audio_cross_table, audio_self_table, cat_tables, video_cross_table,
+                   video_self_table)
+from .text import TextKV
+
+
+@dataclass
+class Ropes:
+    """RoPE tables for the tokens of one forward (a block or the whole sequence)."""
+
+    video_self: RopeTable
+    audio_self: RopeTable
+    video_cross: RopeTable
+    audio_cross: RopeTable
+
+    def query(self, kind: str) -> RopeTable:
+        return {"video_self": self.video_self, "audio_self": self.audio_self,
+                "a2v": self.video_cross, "v2a": self.audio_cross}[kind]
+
+    def key(self, kind: str) -> RopeTable:
+        return {"video_self": self.video_self, "audio_self": self.audio_self,
+                "a2v": self.audio_cross, "v2a": self.video_cross}[kind]
+
+    def to(self, device, dtype=None) -> "Ropes":
+        return Ropes(*(t.to(device, dtype) for t in (self.video_self, self.audio_self, self.video_cross,
+                                                    self.audio_cross)))
+
+
+class FullAttention:
+    """Whole sequence: rotate keys, attend under the block-causal mask (or none)."""
+
+    def __init__(self, masks: Optional[Masks], ropes: Ropes, attn_fn: AttentionFn):
+        self.masks, self.ropes, self.attn_fn = masks, ropes, attn_fn
+
+    def keys(self, layer: int, kind: str, k, v):
+        mask = None if self.masks is None else self.masks.get(kind)
+        return apply_rope(k, self.ropes.key(kind)), v, mask
+
+
+class CachedAttention:
+    """One block: write K/V into the stream cache and attend to all it holds (no mask needed)."""
+
+    def __init__(self, cache: StreamCache, ropes: Ropes, attn_fn: AttentionFn):
+        self.cache, self.ropes, self.attn_fn = cache, ropes, attn_fn
+
+    def keys(self, layer: int, kind: str, k, v):
+        if kind not in self.cache.read_rope:  # absolute positions: store rotated keys
+            k = apply_rope(k, self.ropes.key(kind))
+        return self.cache.update(layer, kind, k, v)
+
+
+@dataclass
+class Conditioning:
+    """Per-frame AdaLN values of one forward."""
+
+    v_mod: torch.Tensor  # [B, Fv, 6, Dv]
+    a_mod: torch.Tensor  # [B, Na, 6, Da]
+    v_cross: torch.Tensor  # [B, Fv, 4, Dv]
+    a_cross: torch.Tensor  # [B, Na, 4, Da]
+    v_gate: torch.Tensor  # [B, Fv, Dv]
+    a_gate: torch.Tensor  # [B, Na, Da]
+    v_emb: torch.Tensor  # [B, Fv, Dv] embedded timestep for the output head
+    a_emb: torch.Tensor  # [B, Na, Da]
+    tpf: int  # video tokens per latent frame
+
+
+class DualStreamBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops, dtype=None, device=None):
+        super().__init__()
+        dv, da, dc = cfg.video_dim, cfg.audio_dim, cfg.cross_dim
+        kw = dict(ops=ops, eps=cfg.norm_eps, dtype=dtype, device=device)
+        self.eps = cfg.norm_eps
+        self.attn1 = Attention(dv, dv, cfg.video_heads, cfg.video_head_dim, **kw)
+        self.attn2 = Attention(dv, dv, cfg.video_heads, cfg.video_head_dim, **kw)
+        self.audio_attn1 = Attention(da, da, cfg.audio_heads, cfg.audio_head_dim, **kw)
+        self.audio_attn2 = Attention(da, da, cfg.audio_heads, cfg.audio_head_dim, **kw)
+        # cross-modal attentions use the audio head geometry
+        self.audio_to_video_attn = Attention(dv, da, cfg.audio_heads, dc // cfg.audio_heads, **kw)
+        self.video_to_audio_attn = Attention(da, dv, cfg.audio_heads, dc // cfg.audio_heads, **kw)
+        self.ff = FeedForward(dv, cfg.ff_mult, ops, dtype, device)
+        self.audio_ff = FeedForward(da, cfg.ff_mult, ops, dtype, device)
+        self.scale_shift_table = _param((6, dv), dtype, device, dv ** -0.5)
+        self.audio_scale_shift_table = _param((6, da), dtype, device, da ** -0.5)
+        self.scale_shift_table_a2v_ca_video = _param((5, dv), dtype, device, dv ** -0.5)
+        self.scale_shift_table_a2v_ca_audio = _param((5, da), dtype, device, da ** -0.5)
+
+    def _self(self, attn: Attention, x, kind, layer, ctx, tpf):
+        q = attn.query(x, ctx.ropes.query(kind))
+        k, v = attn.key_value(x)
+        k, v, mask = ctx.keys(layer, kind, k, v)
+        return attn.output(q, k, v, mask, ctx.attn_fn)
+
+    def _text(self, attn: Attention, x, kv, mask, ctx):
+        return attn.output(attn.query(x, None), kv[0], kv[1], mask, ctx.attn_fn)
+
+    def _cross(self, attn: Attention, xq, xkv, kind, layer, ctx):
+        q = attn.query(xq, ctx.ropes.query(kind))
+        k, v = attn.key_value(xkv)
+        k, v, mask = ctx.keys(layer, kind, k, v)
+        return attn.output(q, k, v, mask, ctx.attn_fn)
+
+    def forward(self, xv, xa, c: Conditioning, text: TextKV, layer: int, ctx):
+        dt, tpf, eps = xv.dtype, c.tpf, self.eps
+        v_sh, v_sc, v_g, v_sh2, v_sc2, v_g2 = (self.scale_shift_table.to(dt) + c.v_mod).unbind(2)
+        a_sh, a_sc, a_g, a_sh2, a_sc2, a_g2 = (self.audio_scale_shift_table.to(dt) + c.a_mod).unbind(2)
+
+        h = modulate(rms(xv, eps), v_sh, v_sc, tpf)
+        xv = xv + gated(self._self(self.attn1, h, "video_self", layer, ctx, tpf), v_g, tpf)
+        xv = xv + self._text(self.attn2, rms(xv, eps), text.video[layer], text.mask, ctx)
+
+        h = modulate(rms(xa, eps), a_sh, a_sc, 1)
+        xa = xa + a_g * self._self(self.audio_attn1, h, "audio_self", layer, ctx, 1)
+        xa = xa + self._text(self.audio_attn2, rms(xa, eps), text.audio[layer], text.mask, ctx)
+
+        # cross-modal: both directions read the same pre-update normalised states
+        nv, na = rms(xv, eps), rms(xa, eps)
+        tv = self.scale_shift_table_a2v_ca_video.to(dt)
+        ta = self.scale_shift_table_a2v_ca_audio.to(dt)
+        v_sc_a2v, v_sh_a2v, v_sc_v2a, v_sh_v2a = (tv[:4] + c.v_cross).unbind(2)
+        a_sc_a2v, a_sh_a2v, a_sc_v2a, a_sh_v2a = (ta[:4] + c.a_cross).unbind(2)
+        gate_a2v, gate_v2a = tv[4] + c.v_gate, ta[4] + c.a_gate
+        a2v = self._cross(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
+                          modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
+        v2a = self._cross(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
+                          modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
+        xv = xv + gated(a2v, gate_a2v, tpf)
+        xa = xa + gate_v2a * v2a
+
+        xv = xv + gated(self.ff(modulate(rms(xv, eps), v_sh2, v_sc2, tpf)), v_g2, tpf)
+        xa = xa + a_g2 * self.audio_ff(modulate(rms(xa, eps), a_sh2, a_sc2, 1))
+        return xv, xa
+
+
+class OmniForcingTransformer(nn.Module):
+    def __init__(self, config: ModelConfig, operations=None, dtype=None, device=None, time: TimeBase = DEFAULT_TIME):
+        super().__init__()
+        ops = operations or default_ops
+        cfg = self.config = config
+        self.time = time
+        self.attn_fn: AttentionFn = sdpa_attention
+        self.compute_dtype: Optional[torch.dtype] = None  # None: the dtype of the weights
+        dv, da = cfg.video_dim, cfg.audio_dim
+        kw = dict(dtype=dtype, device=device)
+        self.patchify_proj = ops.Linear(cfg.in_channels, dv, **kw)
+        self.audio_patchify_proj = ops.Linear(cfg.audio_in_channels, da, **kw)
+        self.adaln_single = AdaLayerNormSingle(dv, 6, ops, **kw)
+        self.audio_adaln_single = AdaLayerNormSingle(da, 6, ops, **kw)
+        self.av_ca_video_scale_shift_adaln_single = AdaLayerNormSingle(dv, 4, ops, **kw)
+        self.av_ca_audio_scale_shift_adaln_single = AdaLayerNormSingle(da, 4, ops, **kw)
+        self.av_ca_a2v_gate_adaln_single = AdaLayerNormSingle(dv, 1, ops, **kw)
+        self.av_ca_v2a_gate_adaln_single = AdaLayerNormSingle(da, 1, ops, **kw)
+        self.caption_projection = TextProjection(cfg.caption_channels, dv, ops, **kw)
+        self.audio_caption_projection = TextProjection(cfg.caption_channels, da, ops, **kw)
+        self.transformer_blocks = nn.ModuleList(DualStreamBlock(cfg, ops, **kw) for _ in range(cfg.num_layers))
+        self.scale_shift_table = _param((2, dv), dtype, device, dv ** -0.5)
+        self.audio_scale_shift_table = _param((2, da), dtype, device, da ** -0.5)
+        self.proj_out = ops.Linear(dv, cfg.in_channels, **kw)
+        self.audio_proj_out = ops.Linear(da, cfg.audio_in_channels, **kw)
+        if cfg.num_audio_sinks:
+            self.audio_sink_tokens = _param((1, cfg.num_audio_sinks, da), dtype, device, 0.02)
+        if cfg.connectors is not None:
+            from .connectors import TextConnector
+            self.video_embeddings_connector = TextConnector(cfg.connectors, ops, **kw)
+            self.audio_embeddings_connector = TextConnector(cfg.connectors, ops, **kw)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return self.scale_shift_table.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale_shift_table.device
+
+    @property
+    def num_sinks(self) -> int:
+        return self.config.num_audio_sinks
+
+    def check_layout(self, layout: BlockLayout) -> None:
+        if layout.num_sinks != self.num_sinks:
+            raise ValueError(f"the model has {self.num_sinks} audio sink tokens but the layout '{layout.kind}' has "
+                             f"{layout.num_sinks}; use make_layout('prefix', num_sinks={self.num_sinks})"
+                             if self.num_sinks else
+                             f"the layout has {layout.num_sinks} sink tokens but the model has none; use num_sinks=0")
+
+    # -- text ------------------------------------------------------------------------------------
+    def encode_text(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """Raw (aggregated) Gemma features [B, L, 3840] -> (video_context, audio_context) via the connectors."""
+        if self.config.connectors is None:
+            raise ValueError("this model has no text connectors; pass contexts that already went through them "
+                             "(ComfyUI's LTX-2 text encoder output) or load a checkpoint with "
+                             "video_embeddings_connector.* keys")
+        x = features.to(self.dtype)
+        return self.video_embeddings_connector(x, mask), self.audio_embeddings_connector(x, mask)
+
+    def text_kv(self, video_context: torch.Tensor, audio_context: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> TextKV:
+        """Project the text once per prompt and compute every layer's cross-attention K/V."""
+        dt = self.dtype
+        pv = self.caption_projection(video_context.to(self.device, dt))
+        pa = self.audio_caption_projection(audio_context.to(self.device, dt))
+        video = [blk.attn2.key_value(pv) for blk in self.transformer_blocks]
+        audio = [blk.audio_attn2.key_value(pa) for blk in self.transformer_blocks]
+        add = None
+        if mask is not None and not bool(mask.all()):
+            keep = mask.to(self.device).bool()[:, None, None, :]
+            add = torch.zeros(keep.shape, dtype=dt, device=self.device).masked_fill(~keep, torch.finfo(dt).min)
+        return TextKV(video, audio, add)
+
+    # -- rope --------------------------------------------------------------------------------------
+    def ropes_for(self, video_latents: range, audio_latents: range, grid_hw: tuple[int, int], sinks: int) -> Ropes:
+        cfg, t = self.config, self.time
+        tpl = grid_hw[0] * grid_hw[1]
+        r = Ropes(
+            video_self_table(video_latents, grid_hw, t, cfg.video_dim, cfg.video_heads, cfg.rope),
+            audio_self_table(audio_latents, sinks, t, cfg.audio_dim, cfg.audio_heads, cfg.rope),
+            video_cross_table(video_latents, tpl, t, cfg.cross_dim, cfg.audio_heads, cfg.rope),
+            audio_cross_table(audio_latents, sinks, t, cfg.cross_dim, cfg.audio_heads, cfg.rope),
+        )
+        return r.to(self.device)
+
+    def _block_ropes(self, b: Block, grid_hw) -> Ropes:
+        return self.ropes_for(range(b.video_start, b.video_end), range(b.audio_start, b.audio_end), grid_hw, b.sinks)
+
+    def prepare_block(self, cache: StreamCache, block: Block, grid_hw: tuple[int, int]) -> Ropes:
+        """Start a block in the cache; returns its query ropes (and sets re-based read ropes)."""
+        cache.begin_block(block)
+        layout = cache.layout
+        shift = cache.policy.rebase_shift(cache.head)
+        pos_block = layout.block(block.index - shift) if block.index else block
+        ropes = self._block_ropes(pos_block, grid_hw)
+        cache.read_rope = {}
+        if cache.policy.rebase_rope:
+            parts = [self._block_ropes(layout.block(j - shift if j else 0), grid_hw) for j in cache.visible_blocks()]
+            cache.read_rope = {
+                "video_self": cat_tables([p.video_self for p in parts]),
+                "audio_self": cat_tables([p.audio_self for p in parts]),
+                "a2v": cat_tables([p.audio_cross for p in parts]),
+                "v2a": cat_tables([p.video_cross for p in parts]),
+            }
+        return ropes
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _conditioning(self, video_sigma, audio_sigma, sinks: int, tpf: int) -> Conditioning:
+        cfg, dt = self.config, self.dtype
+        if sinks:  # sink tokens take the first audio frame's timestep
+            audio_sigma = torch.cat([audio_sigma[:, :1].expand(-1, sinks), audio_sigma], 1)
+        ts, ca = cfg.timestep_scale_multiplier, cfg.av_ca_timestep_scale_multiplier
+        v_mod, v_emb = self.adaln_single(video_sigma * ts, dt)
+        a_mod, a_emb = self.audio_adaln_single(audio_sigma * ts, dt)
+        v_cross, _ = self.av_ca_video_scale_shift_adaln_single(video_sigma * ts, dt)
+        a_cross, _ = self.av_ca_audio_scale_shift_adaln_single(audio_sigma * ts, dt)
+        v_gate, _ = self.av_ca_a2v_gate_adaln_single(video_sigma * ca, dt)
+        a_gate, _ = self.av_ca_v2a_gate_adaln_single(audio_sigma * ca, dt)
+        return Conditioning(v_mod, a_mod, v_cross, a_cross, v_gate[:, :, 0], a_gate[:, :, 0], v_emb, a_emb, tpf)
+
+    @staticmethod
+    def _frame_sigmas(sigma, b: int, n: int, device) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(b)
+        if sigma.dim() == 1:
+            sigma = sigma[:, None].expand(b, n)
+        if sigma.shape != (b, n):
+            raise ValueError(f"sigma shape {tuple(sigma.shape)} does not match [B={b}, frames={n}]")
+        return sigma.float()
+
+    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int):
+        b, c, f, h, w = video.shape
+        t_a = audio.shape[2]
+        dt = self.dtype
+        vs = self._frame_sigmas(video_sigma, b, f, video.device)
+        as_ = self._frame_sigmas(audio_sigma, b, t_a, video.device)
+        xv = self.patchify_proj(video.to(dt).permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
+        xa = self.audio_patchify_proj(audio.to(dt).permute(0, 2, 1, 3).reshape(b, t_a, -1))
+        if sinks:
+            xa = torch.cat([self.audio_sink_tokens.to(dt).expand(b, -1, -1), xa], 1)
+        cond = self._conditioning(vs, as_, sinks, h * w)
+        for i, blk in enumerate(self.transformer_blocks):
+            xv, xa = blk(xv, xa, cond, text, i, ctx)
+        eps = self.config.norm_eps
+        sh, sc = (self.scale_shift_table.to(dt)[None, None] + cond.v_emb[:, :, None]).unbind(2)
+        yv = self.proj_out(modulate(F.layer_norm(xv, (xv.shape[-1],), eps=eps), sh, sc, h * w))
+        sh, sc = (self.audio_scale_shift_table.to(dt)[None, None] + cond.a_emb[:, :, None]).unbind(2)
+        ya = self.audio_proj_out(modulate(F.layer_norm(xa, (xa.shape[-1],), eps=eps), sh, sc, 1))[:, sinks:]
+        yv = yv.view(b, f, h, w, -1).permute(0, 4, 1, 2, 3)
+        ya = ya.view(b, t_a, audio.shape[1], audio.shape[3]).permute(0, 2, 1, 3)
+        return yv, ya
+
+    def forward(self, video, audio, video_sigma, audio_sigma, text: TextKV,
+                layout: Optional[BlockLayout] = None, window: Optional[int] = None):
+        """Whole sequence. With a layout: block-causal masks (reference path); None: bidirectional.
+        `window` hides blocks older than that many blocks before each query's, except the sink block."""
+        f, t_a = video.shape[2], audio.shape[2]
+        grid = (video.shape[3], video.shape[4])
+        sinks = self.num_sinks
+        masks = None
+        if layout is not None:
+            self.check_layout(layout)
+            masks = cached_masks(layout, f, t_a, grid[0] * grid[1], str(video.device), window)
+        ropes = self.ropes_for(range(f), range(t_a), grid, sinks)
+        return self._run(video, audio, video_sigma, audio_sigma, text, FullAttention(masks, ropes, self.attn_fn), sinks)
+
+    def forward_block(self, video, audio, video_sigma, audio_sigma, text: TextKV, cache: StreamCache,
+                      ropes: Ropes):
+        """One block (the one `prepare_block` started) against the stream cache."""
+        blk = cache.block
+        if video.shape[2] != blk.video_len or audio.shape[2] != blk.audio_len:
+            raise ValueError(f"block {blk.index} holds {blk.video_len} video / {blk.audio_len} audio latents, "
+                             f"got {video.shape[2]} / {audio.shape[2]}")
+        ctx = CachedAttention(cache, ropes, self.attn_fn)
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks)
+
+    def new_cache(self, layout: BlockLayout, grid_hw: tuple[int, int], policy=None, batch: int = 1,
+                  dtype: Optional[torch.dtype] = None) -> StreamCache:
+        from .cache import CachePolicy
+        self.check_layout(layout)
+        cfg = self.config
+        dims = {"video_self": cfg.video_dim, "audio_self": cfg.audio_dim, "a2v": cfg.cross_dim, "v2a": cfg.cross_dim}
+        return StreamCache(cfg.num_layers, layout, grid_hw[0] * grid_hw[1], dims, policy or CachePolicy(), batch,
+                           self.device, dtype or self.dtype)

@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from omniforcing_core.config import TINY  # noqa: E402
+from omniforcing_core.embedded import random_model  # noqa: E402
+
+
+@pytest.fixture
+def tiny64():
+    """A tiny random model in float64 (exactness tests)."""
+    return random_model(TINY, seed=0, dtype=torch.float64)
+
+
+@pytest.fixture
+def text64(tiny64):
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 7, tiny64.config.caption_channels, generator=g, dtype=torch.float64)
+    return tiny64.text_kv(ctx, 0.5 * ctx)

@@ -1,0 +1,45 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omniforcing_core.checkpoint import save_safetensors
+from omniforcing_core.config import TINY
+from omniforcing_core.embedded import random_model
+from omniforcing_core.loader import header_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "omniforcing_core", *args], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def test_keys_prints_every_ltx2_key_with_shape_without_allocating():
+    r = _cli("keys", "--config", "ltx2-19b", "--compact", "--prefix", "model.diffusion_model.")
+    assert r.returncode == 0, r.stderr
+    keys = json.loads(r.stdout)
+    assert len(keys) == 3510
+    assert keys["model.diffusion_model.transformer_blocks.47.audio_ff.net.2.weight"] == [2048, 8192]
+    assert "18,876,174,592 parameters" in r.stderr
+
+
+def test_info_on_a_sharded_tiny_checkpoint(tmp_path):
+    m = random_model(TINY.replace(num_audio_sinks=2), seed=0)
+    idx = save_safetensors(dict(m.state_dict()), tmp_path / "gen", prefix="model.diffusion_model.", shards=3,
+                           metadata={"config": json.dumps({"transformer": header_for(m.config)})})
+    r = _cli("info", str(idx))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["key_prefix"] == "model.diffusion_model."
+    assert len(info["files"]) == 3 and info["tensors"] == len(m.state_dict())
+    assert info["parameters"] == sum(v.numel() for v in m.state_dict().values())
+    assert info["layout"] == "prefix" and info["audio_sink_tokens"] == 2
+    assert info["conventions"]["rope"] == "interleaved" and info["dtypes"] == {"F32": len(m.state_dict())}
+
+
+def test_info_on_a_bad_file_is_a_clear_error(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"12345678")
+    r = _cli("info", str(tmp_path / "x.safetensors"))
+    assert r.returncode == 2 and "error:" in r.stderr and "safetensors" in r.stderr
