@@ -112,7 +112,9 @@ def infer_config(km: KeyMap, conventions: Conventions, src: str = "checkpoint") 
                           if (m := re.match(r"video_embeddings_connector\.transformer_1d_blocks\.(\d+)\.", k)))
         chd = int(h.get("connector_attention_head_dim", 128 if cdim % 128 == 0 else cdim))
         chd = chd if cdim % chd == 0 else cdim
-        connectors = ConnectorConfig(num_layers=clayers, heads=cdim // chd, head_dim=chd, num_registers=regs)
+        # connectors belong to the text side: they follow the base header's RoPE layout (LTX-2: split)
+        connectors = ConnectorConfig(num_layers=clayers, heads=cdim // chd, head_dim=chd, num_registers=regs,
+                                     rope_kind=str(h.get("rope_type", "split")).lower())
     max_pos = tuple(float(x) for x in h.get("positional_embedding_max_pos", (20, 2048, 2048)))
     a_max = float(h.get("audio_positional_embedding_max_pos", [20])[0])
     rope = RopeConfig(conventions.rope_kind, conventions.rope_precision,

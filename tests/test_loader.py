@@ -232,3 +232,17 @@ print(hwm() - base)
     assert size > 50e6
     print(f"peak/size = {peak / size:.2f}")
     assert peak < 1.6 * size, f"peak growth {peak/1e6:.0f} MB for {size/1e6:.0f} MB of weights"
+
+
+def test_connectors_load_from_the_base_and_follow_its_rope_layout(tmp_path):
+    from omniforcing_core.config import TINY_WITH_CONNECTORS
+    base = random_model(TINY_WITH_CONNECTORS.replace(rope=RopeConfig("split", "float64")), seed=1)
+    b = _write(base, tmp_path / "base.safetensors", "model.diffusion_model.")
+    gen = random_model(TINY, seed=2)  # transformer-only generator, like the released shards
+    g = _write(gen, tmp_path / "gen.safetensors", meta=False)
+    m, _ = load_model(b, g)
+    assert m.config.connectors is not None and m.config.connectors.rope_kind == "split"
+    assert m.config.rope.kind == "interleaved"  # the student's convention for the transformer
+    assert torch.equal(m.video_embeddings_connector.learnable_registers,
+                       base.video_embeddings_connector.learnable_registers)
+    assert torch.equal(m.transformer_blocks[0].attn1.to_q.weight, gen.transformer_blocks[0].attn1.to_q.weight)

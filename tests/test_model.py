@@ -162,3 +162,22 @@ def test_sink_tokens_are_parameters_and_strip_from_output():
     assert out[1].shape == clip.audio_shape()
     with pytest.raises(ValueError, match="sink"):
         m.new_cache(make_layout("v2"), clip.grid)
+
+
+def test_text_connectors_fill_registers_and_ignore_left_padding():
+    from omniforcing_core.config import TINY_WITH_CONNECTORS
+    m = random_model(TINY_WITH_CONNECTORS, dtype=torch.float64)
+    feats = torch.randn(1, 5, TINY_WITH_CONNECTORS.caption_channels, dtype=torch.float64)
+    v, a = m.encode_text(feats)
+    assert v.shape == (1, 1024, 24) and a.shape == (1, 1024, 24)
+    assert not torch.allclose(v, a)  # two connectors, two sets of weights
+    padded = torch.cat([torch.zeros(1, 3, 24, dtype=torch.float64), feats], 1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    v2, _ = m.encode_text(padded, mask)
+    assert (v2 - v).abs().max().item() < 1e-12
+    # positions past the prompt are the registers' business: changing the prompt changes them only through attention
+    regs_only = m.video_embeddings_connector._with_registers(feats, None)
+    assert torch.equal(regs_only[0, 5:8], m.video_embeddings_connector.learnable_registers[5:8])
+    assert torch.equal(regs_only[0, 8 + 5], m.video_embeddings_connector.learnable_registers[5])
+    text = m.text_kv(v, a)
+    assert text.video[0][0].shape == (1, 1024, TINY_WITH_CONNECTORS.video_dim)
