@@ -202,7 +202,8 @@ class Sampler:
     def __init__(self, model: OmniForcingTransformer, spec: StreamSpec, prompts: PromptSchedule | TextKV, *,
                  schedule: Optional[Schedule] = None, policy: CachePolicy = CachePolicy(),
                  guidance: Optional[Guidance] = None, first_frame: Optional[torch.Tensor] = None,
-                 backend: str = "cached", should_stop: Optional[Callable[[], bool]] = None):
+                 backend: str = "cached", should_stop: Optional[Callable[[], bool]] = None,
+                 on_step: Optional[Callable[[Block, int, int], None]] = None):
         model.check_layout(spec.layout)
         self.model, self.spec = model, spec
         self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule.single(prompts)
@@ -226,6 +227,7 @@ class Sampler:
             raise ValueError(f"backend '{backend}' unknown; use 'cached' or 'prefix'")
         self.policy = policy
         self.should_stop = should_stop
+        self.on_step = on_step  # (block, finished step index, steps per block) for progress bars
         self._text_cache: dict[int, TextKV] = {}
         self._history: dict[int, tuple] = {}  # clean context of blocks still in the cache (for re-caching)
         self._prompt_index = 0
@@ -291,6 +293,8 @@ class Sampler:
                 xv = (1 - nxt) * x0v + nxt * block_noise(seed, block.index, "video", i + 1, vshape, dev, wd)
                 xa = (1 - nxt) * x0a + nxt * block_noise(seed, block.index, "audio", i + 1, ashape, dev, wd)
             step_ms.append((_time.perf_counter() - ts) * 1000)
+            if self.on_step is not None:
+                self.on_step(block, i, sched.steps)
             if self.should_stop is not None and self.should_stop():
                 raise InterruptedError(f"stopped during block {block.index}")
         tr = _time.perf_counter()

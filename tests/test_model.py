@@ -181,3 +181,25 @@ def test_text_connectors_fill_registers_and_ignore_left_padding():
     assert torch.equal(regs_only[0, 8 + 5], m.video_embeddings_connector.learnable_registers[5])
     text = m.text_kv(v, a)
     assert text.video[0][0].shape == (1, 1024, TINY_WITH_CONNECTORS.video_dim)
+
+
+def test_adopt_modules_shares_weights_without_copying():
+    from omniforcing_core.model import adopt_modules
+    host = random_model(TINY, seed=3)
+    with torch.device("meta"):
+        ours = OmniForcingTransformer(TINY)
+    adopt_modules(ours, host)
+    assert ours.transformer_blocks[1].attn1.to_q is host.transformer_blocks[1].attn1.to_q
+    assert ours.scale_shift_table is host.scale_shift_table
+    assert ours.transformer_blocks[0].scale_shift_table_a2v_ca_audio is \
+        host.transformer_blocks[0].scale_shift_table_a2v_ca_audio
+    assert all(p.device.type == "cpu" for p in ours.parameters())
+    # a change to the host (a LoRA patch applied in place) is seen by ours
+    with torch.no_grad():
+        host.transformer_blocks[0].ff.net[2].weight.add_(1.0)
+    assert torch.equal(ours.transformer_blocks[0].ff.net[2].weight, host.transformer_blocks[0].ff.net[2].weight)
+    clip = make_clip(make_layout("v2"), 32, 32, seconds=1)
+    v, a = torch.randn(clip.video_shape()), torch.randn(clip.audio_shape())
+    ctx = torch.randn(1, 3, TINY.caption_channels)
+    assert torch.equal(ours(v, a, 0.5, 0.5, ours.text_kv(ctx, ctx), None)[0],
+                       host(v, a, 0.5, 0.5, host.text_kv(ctx, ctx), None)[0])
