@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     b.add_argument("--blocks", type=int, default=None)
     b.add_argument("--window", type=int, default=2)
     b.add_argument("--modes", default="rolling,full,prefix")
+    b.add_argument("--parallel-modalities", action="store_true",
+                   help="run video and audio halves of each layer on two CUDA streams")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(fn=run)
 
@@ -70,12 +72,13 @@ def run(args) -> int:
     big = args.config.startswith("ltx2")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
-    height = args.height or (512 if big else 256)
-    width = args.width or (768 if big else 384)
-    blocks = args.blocks or (5 if big else 8)
+    height = args.height or (512 if big else 192)
+    width = args.width or (768 if big else 288)
+    blocks = args.blocks or (5 if big else 10)
     cfg = get_config(args.config)
     t_load = time.perf_counter()
     model = random_model(cfg, seed=0, dtype=dtype, device=dev)
+    model.parallel_modalities = args.parallel_modalities
     load_s = time.perf_counter() - t_load
     text = toy_text(model, "a red ball bounces twice")
     layout = make_layout("v2")

@@ -52,10 +52,36 @@ class Ropes:
                                                     self.audio_cross)))
 
 
-class FullAttention:
+class ModalityRunner:
+    """Runs the independent video and audio halves of a layer one after the other, or on two CUDA
+    streams at once (the paper's asymmetric parallel inference). Same result either way."""
+
+    def __init__(self, streams=None):
+        self.streams = streams  # None or (video_stream, audio_stream)
+
+    def pair(self, fv, xv, fa, xa):
+        if self.streams is None:
+            return fv(xv), fa(xa)
+        sv, sa = self.streams
+        cur = torch.cuda.current_stream()
+        sv.wait_stream(cur)
+        sa.wait_stream(cur)
+        with torch.cuda.stream(sv):
+            ov = fv(xv)
+        with torch.cuda.stream(sa):
+            oa = fa(xa)
+        cur.wait_stream(sv)
+        cur.wait_stream(sa)
+        ov.record_stream(cur)  # memory made on a side stream is used on the main one
+        oa.record_stream(cur)
+        return ov, oa
+
+
+class FullAttention(ModalityRunner):
     """Whole sequence: rotate keys, attend under the block-causal mask (or none)."""
 
-    def __init__(self, masks: Optional[Masks], ropes: Ropes, attn_fn: AttentionFn):
+    def __init__(self, masks: Optional[Masks], ropes: Ropes, attn_fn: AttentionFn, streams=None):
+        super().__init__(streams)
         self.masks, self.ropes, self.attn_fn = masks, ropes, attn_fn
 
     def keys(self, layer: int, kind: str, k, v):
@@ -63,10 +89,11 @@ class FullAttention:
         return apply_rope(k, self.ropes.key(kind)), v, mask
 
 
-class CachedAttention:
+class CachedAttention(ModalityRunner):
     """One block: write K/V into the stream cache and attend to all it holds (no mask needed)."""
 
-    def __init__(self, cache: StreamCache, ropes: Ropes, attn_fn: AttentionFn):
+    def __init__(self, cache: StreamCache, ropes: Ropes, attn_fn: AttentionFn, streams=None):
+        super().__init__(streams)
         self.cache, self.ropes, self.attn_fn = cache, ropes, attn_fn
 
     def keys(self, layer: int, kind: str, k, v):
@@ -130,31 +157,45 @@ class DualStreamBlock(nn.Module):
         v_sh, v_sc, v_g, v_sh2, v_sc2, v_g2 = (self.scale_shift_table.to(dt) + c.v_mod).unbind(2)
         a_sh, a_sc, a_g, a_sh2, a_sc2, a_g2 = (self.audio_scale_shift_table.to(dt) + c.a_mod).unbind(2)
 
-        h = modulate(rms(xv, eps), v_sh, v_sc, tpf)
-        xv = xv + gated(self._self(self.attn1, h, "video_self", layer, ctx, tpf), v_g, tpf)
-        xv = xv + self._text(self.attn2, rms(xv, eps), text.video[layer], text.mask, ctx)
+        def video_attn(xv):
+            h = modulate(rms(xv, eps), v_sh, v_sc, tpf)
+            xv = xv + gated(self._self(self.attn1, h, "video_self", layer, ctx, tpf), v_g, tpf)
+            return xv + self._text(self.attn2, rms(xv, eps), text.video[layer], text.mask, ctx)
 
-        h = modulate(rms(xa, eps), a_sh, a_sc, 1)
-        xa = xa + a_g * self._self(self.audio_attn1, h, "audio_self", layer, ctx, 1)
-        xa = xa + self._text(self.audio_attn2, rms(xa, eps), text.audio[layer], text.mask, ctx)
+        def audio_attn(xa):
+            h = modulate(rms(xa, eps), a_sh, a_sc, 1)
+            xa = xa + a_g * self._self(self.audio_attn1, h, "audio_self", layer, ctx, 1)
+            return xa + self._text(self.audio_attn2, rms(xa, eps), text.audio[layer], text.mask, ctx)
 
-        # cross-modal: both directions read the same pre-update normalised states
+        xv, xa = ctx.pair(video_attn, xv, audio_attn, xa)
+
+        # cross-modal: both directions read the same pre-update normalised states (official ltx-core order)
         nv, na = rms(xv, eps), rms(xa, eps)
         tv = self.scale_shift_table_a2v_ca_video.to(dt)
         ta = self.scale_shift_table_a2v_ca_audio.to(dt)
         v_sc_a2v, v_sh_a2v, v_sc_v2a, v_sh_v2a = (tv[:4] + c.v_cross).unbind(2)
         a_sc_a2v, a_sh_a2v, a_sc_v2a, a_sh_v2a = (ta[:4] + c.a_cross).unbind(2)
         gate_a2v, gate_v2a = tv[4] + c.v_gate, ta[4] + c.a_gate
-        a2v = self._cross(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
-                          modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
-        v2a = self._cross(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
-                          modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
-        xv = xv + gated(a2v, gate_a2v, tpf)
-        xa = xa + gate_v2a * v2a
 
-        xv = xv + gated(self.ff(modulate(rms(xv, eps), v_sh2, v_sc2, tpf)), v_g2, tpf)
-        xa = xa + a_g2 * self.audio_ff(modulate(rms(xa, eps), a_sh2, a_sc2, 1))
-        return xv, xa
+        def a2v(xv):
+            out = self._cross(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
+                              modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
+            return xv + gated(out, gate_a2v, tpf)
+
+        def v2a(xa):
+            out = self._cross(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
+                              modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
+            return xa + gate_v2a * out
+
+        xv, xa = ctx.pair(a2v, xv, v2a, xa)
+
+        def video_ff(xv):
+            return xv + gated(self.ff(modulate(rms(xv, eps), v_sh2, v_sc2, tpf)), v_g2, tpf)
+
+        def audio_ff(xa):
+            return xa + a_g2 * self.audio_ff(modulate(rms(xa, eps), a_sh2, a_sc2, 1))
+
+        return ctx.pair(video_ff, xv, audio_ff, xa)
 
 
 class OmniForcingTransformer(nn.Module):
@@ -165,6 +206,8 @@ class OmniForcingTransformer(nn.Module):
         self.time = time
         self.attn_fn: AttentionFn = sdpa_attention
         self.compute_dtype: Optional[torch.dtype] = None  # None: the dtype of the weights
+        self.parallel_modalities = False  # run video and audio halves on two CUDA streams
+        self._streams = None
         dv, da = cfg.video_dim, cfg.audio_dim
         kw = dict(dtype=dtype, device=device)
         self.patchify_proj = ops.Linear(cfg.in_channels, dv, **kw)
@@ -210,6 +253,13 @@ class OmniForcingTransformer(nn.Module):
                              f"{layout.num_sinks}; use make_layout('prefix', num_sinks={self.num_sinks})"
                              if self.num_sinks else
                              f"the layout has {layout.num_sinks} sink tokens but the model has none; use num_sinks=0")
+
+    def _modality_streams(self):
+        if not self.parallel_modalities or self.device.type != "cuda":
+            return None  # a no-op on CPU
+        if self._streams is None or self._streams[0].device != self.device:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self._streams
 
     # -- text ------------------------------------------------------------------------------------
     def encode_text(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None):
@@ -327,7 +377,8 @@ class OmniForcingTransformer(nn.Module):
             self.check_layout(layout)
             masks = cached_masks(layout, f, t_a, grid[0] * grid[1], str(video.device), window)
         ropes = self.ropes_for(range(f), range(t_a), grid, sinks)
-        return self._run(video, audio, video_sigma, audio_sigma, text, FullAttention(masks, ropes, self.attn_fn), sinks)
+        ctx = FullAttention(masks, ropes, self.attn_fn, self._modality_streams())
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, sinks)
 
     def forward_block(self, video, audio, video_sigma, audio_sigma, text: TextKV, cache: StreamCache,
                       ropes: Ropes):
@@ -336,7 +387,7 @@ class OmniForcingTransformer(nn.Module):
         if video.shape[2] != blk.video_len or audio.shape[2] != blk.audio_len:
             raise ValueError(f"block {blk.index} holds {blk.video_len} video / {blk.audio_len} audio latents, "
                              f"got {video.shape[2]} / {audio.shape[2]}")
-        ctx = CachedAttention(cache, ropes, self.attn_fn)
+        ctx = CachedAttention(cache, ropes, self.attn_fn, self._modality_streams())
         return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks)
 
     def new_cache(self, layout: BlockLayout, grid_hw: tuple[int, int], policy=None, batch: int = 1,

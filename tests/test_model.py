@@ -203,3 +203,30 @@ def test_adopt_modules_shares_weights_without_copying():
     ctx = torch.randn(1, 3, TINY.caption_channels)
     assert torch.equal(ours(v, a, 0.5, 0.5, ours.text_kv(ctx, ctx), None)[0],
                        host(v, a, 0.5, 0.5, host.text_kv(ctx, ctx), None)[0])
+
+
+def test_parallel_modalities_flag_is_a_no_op_on_cpu(tiny64, text64):
+    clip = make_clip(make_layout("v2"), 32, 32, seconds=1)
+    v = torch.randn(clip.video_shape(), dtype=torch.float64)
+    a = torch.randn(clip.audio_shape(), dtype=torch.float64)
+    want = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"))
+    tiny64.parallel_modalities = True
+    got = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"))
+    tiny64.parallel_modalities = False
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_modality_runner_on_streams_matches_sequential_when_cuda_is_present():
+    import pytest as _pytest
+    if not torch.cuda.is_available():
+        _pytest.skip("needs a CUDA device")
+    m = random_model(TINY, dtype=torch.float32, device="cuda")
+    clip = make_clip(make_layout("v2"), 64, 64, seconds=2)
+    v = torch.randn(clip.video_shape(), device="cuda")
+    a = torch.randn(clip.audio_shape(), device="cuda")
+    ctx = torch.randn(1, 4, TINY.caption_channels, device="cuda")
+    t = m.text_kv(ctx, ctx)
+    want = m(v, a, 0.5, 0.5, t, make_layout("v2"))
+    m.parallel_modalities = True
+    got = m(v, a, 0.5, 0.5, t, make_layout("v2"))
+    assert torch.allclose(want[0], got[0], atol=1e-5) and torch.allclose(want[1], got[1], atol=1e-5)
