@@ -155,13 +155,20 @@ class StreamCache:
             raise ValueError(f"{kind}: got {k.shape[1]} tokens for a block of {e - s}")
         self._ensure(layer, kind, e)
         kb, vb = self.k[layer][kind], self.v[layer][kind]
-        kb[:, s:e] = k.to(kb.dtype)
-        vb[:, s:e] = v.to(vb.dtype)
+        # the buffers never join an autograd graph: history K/V carry no gradient (Self-Forcing)
+        kb[:, s:e] = k.detach().to(kb.dtype)
+        vb[:, s:e] = v.detach().to(vb.dtype)
         n = self.valid_len(kind)
-        keys = kb[:, :n]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # a grad-enabled block (Stage III exit step): attend over a copy [history | current (with
+            # grad) | rest], so later in-place writes into the buffers cannot break this backward
+            keys = torch.cat([kb[:, :s], k.to(kb.dtype), kb[:, e:n]], 1)
+            vals = torch.cat([vb[:, :s], v.to(vb.dtype), vb[:, e:n]], 1)
+        else:
+            keys, vals = kb[:, :n], vb[:, :n]
         if kind in self.read_rope:
             keys = apply_rope(keys, self.read_rope[kind])
-        return keys, vb[:, :n], self.key_mask(kind)
+        return keys, vals, self.key_mask(kind)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in (self.k + self.v) for t in layer.values())

@@ -32,3 +32,83 @@ def toy_text(model: OmniForcingTransformer, prompt: str, batch: int = 1) -> Text
         v, a = model.encode_text(f)
         return model.text_kv(v, a)
     return model.text_kv(f, f)
+
+
+# -- the trained toy student (issue #6) ----------------------------------------------------------------
+
+ASSETS = __import__("pathlib").Path(__file__).resolve().parent / "assets"
+
+
+class DefaultModel:
+    """What `load_default()` returns: the transformer, how to turn a prompt into text K/V, the layout
+    and clip size it was trained for, and (when trained) the codecs' decoders.
+
+    * `model`: OmniForcingTransformer (eval, no grad)
+    * `text(prompt) -> TextKV`: the trained caption encoder, or `toy_text` for the random fallback
+    * `text_encoder`: the toy TextEncoder module (None for the random fallback)
+    * `codecs`: toy `Codecs` (video/audio decoders + procedural vocoder) or None for the fallback
+      (use `preview` decoders then)
+    * `layout`, `size` (pixels, square), `trained` (False = deterministic random weights)
+    """
+
+    def __init__(self, model, text_encoder, codecs, layout, size: int, trained: bool):
+        self.model, self.text_encoder, self.codecs = model, text_encoder, codecs
+        self.layout, self.size, self.trained = layout, size, trained
+
+    def text(self, prompt: str, batch: int = 1) -> TextKV:
+        if self.text_encoder is None:
+            return toy_text(self.model, prompt, batch)
+        with torch.no_grad():
+            f = self.text_encoder([prompt] * batch)
+        return self.model.text_kv(f, f)
+
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, 128, F, h, w] -> [B, 3, 1 + 8(F-1), 32h, 32w] in [0, 1]."""
+        if self.codecs is None:
+            from .preview import PreviewVideoDecoder
+            return PreviewVideoDecoder()(latents)
+        return self.codecs.decode_video(latents)
+
+    def decode_audio(self, latents: torch.Tensor, sample_rate: int = 24000) -> torch.Tensor:
+        """[B, 8, T, 16] -> stereo waveform [B, 2, (4T - 3) * sample_rate / 100] (the preview's shape)."""
+        if self.codecs is None:
+            from .preview import PreviewAudioDecoder
+            return PreviewAudioDecoder()(latents)
+        w = self.codecs.decode_audio(latents, sample_rate)
+        n = (4 * latents.shape[2] - 3) * sample_rate // 100
+        w = torch.nn.functional.pad(w, (0, max(0, n - w.shape[-1])))[..., :n]
+        return w[:, None].expand(-1, 2, -1).contiguous()
+
+
+def load_default(assets=None, dtype=torch.float32, device="cpu") -> DefaultModel:
+    """The embedded default: the trained toy student + caption encoder + codec decoders shipped in
+    `omniforcing_core/assets/` (issue #6), or the deterministic random tiny model when they are absent."""
+    import json
+
+    from .layout import make_layout
+    root = ASSETS if assets is None else __import__("pathlib").Path(assets)
+    files = [root / f"toy_{n}.safetensors" for n in ("student", "text", "codecs")]
+    if not all(f.exists() for f in files):
+        return DefaultModel(random_model("tiny", dtype=dtype, device=device), None, None, make_layout("v2"), 128,
+                            False)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .config import ModelConfig
+    from .toy.codecs import Codecs
+    from .toy.textenc import TextEncoder
+    with safe_open(str(files[0]), "pt") as f:
+        meta = json.loads(f.metadata()["omniforcing_toy"])
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    model = OmniForcingTransformer(cfg, dtype=dtype, device=device)
+    model.load_state_dict(load_file(str(files[0]), device=str(device)), strict=True)
+    model.eval().requires_grad_(False)
+    te = TextEncoder(cfg.caption_channels)
+    te.load_state_dict(load_file(str(files[1])), strict=True)
+    codecs = Codecs()
+    missing, unexpected = codecs.load_state_dict(load_file(str(files[2])), strict=False)
+    if unexpected or any(".dec." in f".{k}" or "latent_" in k for k in missing):
+        raise ValueError(f"{files[2]}: codec decoders do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    layout = make_layout(meta["layout"], num_sinks=meta.get("num_sinks", 0))
+    return DefaultModel(model, te.eval().requires_grad_(False), codecs.eval().requires_grad_(False), layout,
+                        int(meta.get("size", 128)), True)

@@ -6,7 +6,8 @@ log-spaced from pi/2 to theta*pi/2. Two memory layouts exist in the wild:
   * interleaved: one angle per adjacent pair over the whole inner dim (the released student);
   * split: per head, the first half of the head is rotated against the second half (the base header).
 Padding dims (inner dim not divisible by 2*axes) get the identity rotation and come first.
-Sink tokens get the identity rotation everywhere (position-free).
+Sink tokens get the identity rotation everywhere (position-free), or, as an ablation
+(`sink_positions="incremental"`), ordinary positions just before t = 0.
 """
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ class RopeConfig:
     theta: float = 10000.0
     max_pos: tuple[float, float, float] = (20.0, 2048.0, 2048.0)  # seconds, px, px
     audio_max_pos: float = 20.0
+    # audio sink tokens: "identity" (position-free, the paper) or "incremental" (sink i of S sits at
+    # -(S - i) audio latents before t = 0; the Table 3 ablation)
+    sink_positions: str = "identity"
 
     def __post_init__(self):
+        if self.sink_positions not in ("identity", "incremental"):
+            raise ValueError(f"sink_positions '{self.sink_positions}' unknown; use 'identity' or 'incremental'")
         if self.kind not in ("interleaved", "split"):
             raise ValueError(f"rope kind '{self.kind}' unknown; use 'interleaved' or 'split'")
         if self.precision not in ("float32", "float64"):
@@ -134,11 +140,23 @@ def video_self_table(latents: range, grid_hw, time: TimeBase, dim: int, heads: i
     return table_from_fractions(video_fractions(latents, grid_hw, time, cfg), dim, heads, cfg)
 
 
+def sink_times(sinks: int, time: TimeBase) -> torch.Tensor:
+    """Times (s) of the "incremental" sink positions: one audio latent apart, ending just before 0."""
+    return -torch.arange(sinks, 0, -1, dtype=torch.float64) / time.audio.latent_rate
+
+
+def _sink_table(sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig, max_pos: float,
+                dtype) -> RopeTable:
+    if cfg.sink_positions == "incremental":
+        return table_from_fractions((sink_times(sinks, time) / max_pos)[:, None], dim, heads, cfg)
+    return identity_table(sinks, dim, heads, cfg.kind, dtype)
+
+
 def audio_self_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
     frac = (audio_latent_times(latents, time) / cfg.audio_max_pos)[:, None]
     tab = table_from_fractions(frac, dim, heads, cfg)
     if sinks:
-        tab = cat_tables([identity_table(sinks, dim, heads, cfg.kind, tab.cos.dtype), tab])
+        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cfg.audio_max_pos, tab.cos.dtype), tab])
     return tab
 
 
@@ -157,7 +175,7 @@ def audio_cross_table(latents: range, sinks: int, time: TimeBase, dim: int, head
     frac = (audio_latent_times(latents, time) / cross_max)[:, None]
     tab = table_from_fractions(frac, dim, heads, cfg)
     if sinks:
-        tab = cat_tables([identity_table(sinks, dim, heads, cfg.kind, tab.cos.dtype), tab])
+        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cross_max, tab.cos.dtype), tab])
     return tab
 
 

@@ -203,7 +203,10 @@ class Sampler:
                  schedule: Optional[Schedule] = None, policy: CachePolicy = CachePolicy(),
                  guidance: Optional[Guidance] = None, first_frame: Optional[torch.Tensor] = None,
                  backend: str = "cached", should_stop: Optional[Callable[[], bool]] = None,
-                 on_step: Optional[Callable[[Block, int, int], None]] = None):
+                 on_step: Optional[Callable[[Block, int, int], None]] = None, exit_step: Optional[int] = None):
+        """`exit_step` (training, Self-Forcing): each block stops after that step and its x0 there is
+        the block; earlier steps run without gradient, the exit step in the caller's grad mode, and
+        the cache refresh without gradient on the detached block."""
         model.check_layout(spec.layout)
         self.model, self.spec = model, spec
         self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule.single(prompts)
@@ -226,6 +229,9 @@ class Sampler:
         else:
             raise ValueError(f"backend '{backend}' unknown; use 'cached' or 'prefix'")
         self.policy = policy
+        if exit_step is not None and not 0 <= exit_step < self.schedule.steps:
+            raise ValueError(f"exit_step={exit_step} must lie in 0..{self.schedule.steps - 1}")
+        self.exit_step = exit_step
         self.should_stop = should_stop
         self.on_step = on_step  # (block, finished step index, steps per block) for progress bars
         self._text_cache: dict[int, TextKV] = {}
@@ -276,19 +282,23 @@ class Sampler:
             fixed = fixed.to(dev, self.work_dtype)
         step_ms = []
         x0v = x0a = None
+        grad_mode = torch.is_grad_enabled()
         for i, s in enumerate(sched.sigmas):
+            if self.exit_step is not None and i > self.exit_step:
+                break
             ts = _time.perf_counter()
             if fixed is not None:
                 xv = torch.cat([fixed, xv[:, :, 1:]], 2)
             sv = sv_clean * s
-            vv, va = self.backend.velocity(self._dup(xv), self._dup(xa), self._dup(sv),
-                                           torch.full((xa.shape[0] * (2 if self.guidance else 1),), s, device=dev),
-                                           text)
+            with torch.set_grad_enabled(grad_mode and (self.exit_step is None or i == self.exit_step)):
+                vv, va = self.backend.velocity(self._dup(xv), self._dup(xa), self._dup(sv),
+                                               torch.full((xa.shape[0] * (2 if self.guidance else 1),), s,
+                                                          device=dev), text)
             x0v = self._guide(self._x0(self._dup(xv), vv, self._dup(sv)), self.guidance.video_scale if self.guidance else 1)
             x0a = self._guide(self._x0(self._dup(xa), va, s), self.guidance.audio_scale if self.guidance else 1)
             if fixed is not None:
                 x0v = torch.cat([fixed, x0v[:, :, 1:]], 2)
-            nxt = sched.next_sigma(i)
+            nxt = 0.0 if i == self.exit_step else sched.next_sigma(i)
             if nxt > 0:
                 xv = (1 - nxt) * x0v + nxt * block_noise(seed, block.index, "video", i + 1, vshape, dev, wd)
                 xa = (1 - nxt) * x0a + nxt * block_noise(seed, block.index, "audio", i + 1, ashape, dev, wd)
@@ -299,14 +309,15 @@ class Sampler:
                 raise InterruptedError(f"stopped during block {block.index}")
         tr = _time.perf_counter()
         cs = sched.context_sigma
-        cv, ca = x0v, x0a
+        cv, ca = x0v.detach(), x0a.detach()
         if cs > 0:
             cv = (1 - cs) * x0v + cs * block_noise(seed, block.index, "video", CONTEXT_STEP, vshape, dev, wd)
             ca = (1 - cs) * x0a + cs * block_noise(seed, block.index, "audio", CONTEXT_STEP, ashape, dev, wd)
         csv = sv_clean * cs
         csa = torch.full((ca.shape[0],), cs, device=dev)
         ctx = (block, self._dup(cv), self._dup(ca), self._dup(csv), self._dup(csa))
-        self.backend.commit(*ctx, text)
+        with torch.set_grad_enabled(grad_mode and self.exit_step is None):
+            self.backend.commit(*ctx, text)
         if self.prompts.recache and isinstance(self.backend, CachedBackend):
             self._history[block.index] = ctx
             keep = set(self.backend.cache.cached_blocks())

@@ -1,0 +1,247 @@
+"""The offline sampler node, and the run setup it shares with the stream node.
+
+Everything that can be checked without the model (size, length, steps, window) is checked first,
+so a bad value fails before minutes of loading; the messages come from the core and name the
+nearest valid value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from comfy_api.latest import io
+
+from ..omniforcing_core.cache import CachePolicy
+from ..omniforcing_core.layout import Clip, LayoutError, make_clip, make_layout
+from ..omniforcing_core.prompts import PromptError, PromptPlan, build_prompts, switch_report
+from ..omniforcing_core.sampling import Guidance, Sampler, StreamSpec
+from ..omniforcing_core.schedule import RELEASED_STEPS, Schedule, make_schedule, parse_steps
+from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_video_vae, get_handle, log,
+                     prepare_for_run, raise_interrupt)
+from .conditioning import context_from_conditioning, plan_from_input
+
+STEPS_DEFAULT = ",".join(str(s) for s in RELEASED_STEPS)
+
+
+# -- inputs shared by the sampler and the stream node -------------------------------------------------
+
+def core_inputs(seconds_default: int = 5, window_default: int = 0, seconds_max: int = 3600) -> list:
+    return [
+        io.Model.Input("model", tooltip="An OmniForcing MODEL ('OmniForcing Load Model' or "
+                                        "'OmniForcing From Native MODEL')."),
+        io.MultiType.Input(io.Conditioning.Input("positive", tooltip=(
+            "What to generate: a CONDITIONING from CLIP Text Encode on the LTX-2 text encoder, or an OmniForcing "
+            "prompt schedule (prompts that change over time).")), types=[Prompts]),
+        io.Int.Input("width", default=768, min=32, max=4096, step=32,
+                     tooltip="Frame width in pixels; a multiple of 32."),
+        io.Int.Input("height", default=512, min=32, max=4096, step=32,
+                     tooltip="Frame height in pixels; a multiple of 32."),
+        io.Int.Input("seconds", default=seconds_default, min=1, max=seconds_max,
+                     tooltip="Length in whole seconds (one block per second; 24 fps video, 24 kHz audio). "
+                             "The model was trained on 5 s; longer needs a rolling window."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed. Every block draws its own noise from (seed, block), so the first "
+                             "seconds do not change when you make the clip longer."),
+        io.String.Input("steps", default=STEPS_DEFAULT,
+                        tooltip="Denoising timesteps per block, comma-separated, decreasing, 1000 = pure noise, "
+                                "optional final 0. The released generator uses 1000,909,725,421,0."),
+        io.Int.Input("window", default=window_default, min=0, max=3600,
+                     tooltip="Rolling KV cache: how many past blocks (seconds) each block attends to besides the "
+                             "first. 0 keeps everything (exact, memory grows). Streams past ~10 s need a window."),
+        io.Combo.Input("layout", options=["model", "v2", "prefix"], default="model",
+                       tooltip="Block layout. 'model': what the MODEL was loaded with. Force only for experiments."),
+    ]
+
+
+def guidance_inputs() -> list:
+    return [
+        io.Conditioning.Input("negative", optional=True,
+                              tooltip="Optional negative prompt; turns on classifier-free guidance (2x compute)."),
+        io.Float.Input("video_cfg", default=3.0, min=0.0, max=20.0, step=0.1, optional=True,
+                       tooltip="Guidance scale of the video stream (only with a negative prompt; 1 = none)."),
+        io.Float.Input("audio_cfg", default=5.0, min=0.0, max=20.0, step=0.1, optional=True,
+                       tooltip="Guidance scale of the audio stream (only with a negative prompt; 1 = none)."),
+        io.Image.Input("start_image", optional=True,
+                       tooltip="Optional first frame (image -> audio + video). Encoded with the video VAE, "
+                               "resized to width x height."),
+        io.Boolean.Input("rebase_rope", default=False, optional=True, advanced=True,
+                         tooltip="With a window: give the cached blocks window-relative positions so a stream can "
+                                 "run past RoPE's 20 s range. Off: absolute positions (exact within 20 s)."),
+    ]
+
+
+def validate_core(width=None, height=None, seconds=None, steps=None, window=None):
+    """Node-level checks that need no model (linked values arrive as None and are checked at run time)."""
+    try:
+        if isinstance(steps, str):
+            make_schedule(parse_steps(steps))
+        if isinstance(width, int) and isinstance(height, int) and isinstance(seconds, int):
+            make_clip(make_layout("v2"), height, width, seconds=seconds)
+    except ValueError as e:
+        return str(e)
+    if isinstance(seconds, int) and seconds < 1:
+        return f"seconds={seconds}: generate at least 1 second"
+    if isinstance(window, int) and window < 0:
+        return f"window={window}: use 0 (keep all) or a number of blocks >= 1"
+    return True
+
+
+# -- run setup ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    handle: ModelHandle
+    clip: Clip
+    schedule: Schedule
+    policy: CachePolicy
+    prompts: PromptPlan
+    negative: Optional[tuple]  # (context, unprocessed)
+    video_cfg: float
+    audio_cfg: float
+    seed: int
+
+    @property
+    def spec(self) -> StreamSpec:
+        return StreamSpec.from_clip(self.clip, seed=self.seed)
+
+    @property
+    def cfg_batch(self) -> int:
+        return 2 if self.negative is not None else 1
+
+
+def plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative=None,
+             video_cfg=3.0, audio_cfg=5.0, rebase_rope=False) -> RunPlan:
+    handle = get_handle(model)
+    ours = handle.transformer
+    kind = handle.layout_kind if layout == "model" else layout
+    try:
+        lay = make_layout(kind, num_sinks=ours.num_sinks)
+        ours.check_layout(lay)
+        clip = make_clip(lay, int(height), int(width), seconds=int(seconds))
+        schedule = make_schedule(parse_steps(steps))
+        policy = CachePolicy(window=int(window) or None, rebase_rope=bool(rebase_rope))
+        plan = plan_from_input(positive)
+        switch_report(plan, lay, clip.num_blocks)
+    except (LayoutError, PromptError) as e:
+        raise ValueError(str(e)) from None
+    neg = context_from_conditioning(negative, "negative") if negative is not None else None
+    if neg is None and (video_cfg != 3.0 or audio_cfg != 5.0):
+        log.info("video_cfg/audio_cfg are ignored without a negative prompt")
+    return RunPlan(handle, clip, schedule, policy, plan, neg, float(video_cfg), float(audio_cfg), int(seed))
+
+
+def memory_estimate(rp: RunPlan) -> int:
+    """Bytes to keep free besides the weights: the KV cache for this window and size, plus one
+    block's activations (including attention scores when the kernel materialises them)."""
+    ours, spec = rp.handle.transformer, rp.spec
+    batch = spec.batch * rp.cfg_batch
+    cache = ours.new_cache(spec.layout, spec.grid, rp.policy, batch)
+    kv = cache.estimate_bytes(spec.num_blocks)
+    item = torch.empty((), dtype=ours.dtype).element_size()
+    cfg, (h, w) = ours.config, spec.grid
+    b0, b1 = spec.layout.block(0), spec.layout.block(min(1, spec.num_blocks - 1))
+    nv = max(b0.video_len, b1.video_len) * h * w
+    na = max(b0.audio_tokens, b1.audio_tokens)
+    slots = max(0, spec.num_blocks - 1)
+    if rp.policy.max_slots is not None:
+        slots = min(slots, rp.policy.max_slots)
+    keys_v = cache.sink_len["video_self"] + slots * cache.slot_len["video_self"]
+    act = batch * item * (16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v)
+    return int(kv + act + 256 * 2 ** 20)
+
+
+def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> one clean latent frame [1, 128, 1, h, w] with the native video VAE."""
+    import comfy.utils
+
+    check_video_vae(vae, "vae")
+    img = image[:1, :, :, :3]
+    if img.shape[1:3] != (height, width):
+        img = comfy.utils.common_upscale(img.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+    lat = vae.encode(img)
+    if lat.dim() != 5 or lat.shape[2] != 1:
+        raise ValueError(f"the video VAE encoded the start image to {tuple(lat.shape)}; expected one latent frame "
+                         f"[1, 128, 1, {height // 32}, {width // 32}]")
+    return lat.float()
+
+
+def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tensor] = None):
+    """Load the model, resolve the prompts for it and return (sampler, progress)."""
+    import comfy.model_management as mm
+
+    ours = prepare_for_run(model, rp.handle, memory_estimate(rp))
+    try:
+        resolved = build_prompts(ours, rp.prompts, *(rp.negative or (None, False)))
+    except PromptError as e:
+        raise ValueError(str(e)) from None
+    guidance = Guidance(resolved.negative, rp.video_cfg, rp.audio_cfg) if resolved.negative is not None else None
+    progress = Progress(node_id, rp.clip.num_blocks, rp.schedule.steps)
+    sampler = Sampler(ours, rp.spec, resolved.schedule, schedule=rp.schedule, policy=rp.policy, guidance=guidance,
+                      first_frame=first_frame, should_stop=mm.processing_interrupted, on_step=progress.step)
+    return sampler, progress
+
+
+def latent_previewer(device):
+    """ComfyUI's latent preview for LTX-2 video latents (respects --preview-method), or None."""
+    try:
+        import comfy.latent_formats
+        import latent_preview
+
+        return latent_preview.get_previewer(device, comfy.latent_formats.LTXAV())
+    except Exception as e:  # noqa: BLE001 - previews are optional
+        log.debug("no latent preview: %s", e)
+        return None
+
+
+# -- the node ----------------------------------------------------------------------------------------
+
+class OmniForcingSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniForcingSampler",
+            display_name="OmniForcing Sampler",
+            category=CATEGORY,
+            description="Generates audio + video block by block (one second per block, KV-cached) and returns a "
+                        "native LTX-2 A/V LATENT: decode it with LTXV Separate AV Latent, VAE Decode and "
+                        "LTXV Audio VAE Decode.",
+            inputs=[*core_inputs(), *guidance_inputs(),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="The LTX-2 video VAE; needed only to encode a start_image.")],
+            outputs=[io.Latent.Output(display_name="LATENT",
+                                      tooltip="Nested video [1,128,F,H/32,W/32] + audio [1,8,T,16] latents.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, seconds=None, steps=None, window=None):
+        return validate_core(width, height, seconds, steps, window)
+
+    @classmethod
+    def execute(cls, model, positive, width, height, seconds, seed, steps, window, layout, negative=None,
+                video_cfg=3.0, audio_cfg=5.0, start_image=None, rebase_rope=False, vae=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.nested_tensor
+
+        rp = plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative,
+                      video_cfg, audio_cfg, rebase_rope)
+        first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
+        sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
+        previewer = latent_previewer(model.load_device)
+        videos, audios = [], []
+        try:
+            with torch.inference_mode():
+                for res in sampler:
+                    videos.append(res.video)
+                    audios.append(res.audio)
+                    preview = None
+                    if previewer is not None:
+                        preview = previewer.decode_latent_to_preview_image("JPEG", res.video[:, :, -1:].float())
+                    progress.block_done(res.block, preview)
+        except InterruptedError:
+            raise_interrupt()
+        dev = mm.intermediate_device()
+        video = torch.cat(videos, 2).to(dev, torch.float32)
+        audio = torch.cat(audios, 2).to(dev, torch.float32)
+        return io.NodeOutput({"samples": comfy.nested_tensor.NestedTensor((video, audio))})

@@ -1,0 +1,247 @@
+"""Tiny video and audio autoencoders with LTX-2's exact time base, and a procedural vocoder.
+
+Video: [B, 3, F, H, W] (F = 1 + 8k, 24 fps) -> [B, 128, 1 + k, H/32, W/32]. Like LTX-2's causal VAE
+the first latent holds pixel frame 0 alone (the encoder sees it replicated 8 times) and every later
+latent holds 8 frames. Internally the frames are average-pooled 4x (the toy works at 1/4 resolution)
+and each latent is an MLP code of one 8-frame x 8x8 (pooled) patch, so the decoder's receptive
+field is exactly one latent: decoding streams block by block with no overlap.
+
+Audio: 16 kHz waveform -> log-mel (n_fft 1024, hop 160, 64 mel bins, 100 frames/s, centred) with
+M = 1 + 4k frames -> [B, 8, 1 + k, 16] (8 channels x 16 latent bins = 128 per latent frame, 25/s).
+Latent 0 holds mel frame 0 alone. The decoder maps latents back to log-mel; `Vocoder` turns
+log-mel into a waveform with Griffin-Lim (no weights).
+
+Latents are normalised per channel (LTX-2's per-channel statistics) so diffusion sees ~unit scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .world import HOP, SAMPLE_RATE
+
+N_FFT = 1024
+N_MELS = 64
+MEL_OFFSET, MEL_SCALE = 5.0, 3.0  # log-mel normalisation for the audio codec (log(1e-5) = -11.5)
+
+
+class VideoCodec(nn.Module):
+    def __init__(self, channels: int = 128, hidden: int = 256, pool: int = 4, spatial: int = 32, stride: int = 8):
+        super().__init__()
+        self.channels, self.pool, self.spatial, self.stride = channels, pool, spatial, stride
+        self.patch = spatial // pool
+        d = 3 * stride * self.patch * self.patch
+        self.enc = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, channels))
+        self.dec = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.register_buffer("latent_mean", torch.zeros(channels))
+        self.register_buffer("latent_std", torch.ones(channels))
+
+    def _groups(self, video: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        b, c, f, h, w = video.shape
+        if (f - 1) % self.stride:
+            raise ValueError(f"video has {f} frames; the codec needs 1 + {self.stride}k")
+        x = F.avg_pool3d(video, (1, self.pool, self.pool)) if self.pool > 1 and not pooled else video
+        x = torch.cat([x[:, :, :1].expand(-1, -1, self.stride - 1, -1, -1), x], 2)  # causal: frame 0 alone
+        p, s = self.patch, self.stride
+        n, hh, ww = x.shape[2] // s, x.shape[3] // p, x.shape[4] // p
+        x = x.view(b, c, n, s, hh, p, ww, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, n, hh, ww, c * s * p * p)
+
+    def encode(self, video: torch.Tensor, normalise: bool = True, pooled: bool = False) -> torch.Tensor:
+        """[B, 3, F, H, W] in [0, 1] -> [B, 128, 1 + (F-1)/8, H/32, W/32] (`pooled`: input already at 1/4 size)."""
+        z = self.enc(self._groups(video * 2 - 1, pooled)).permute(0, 4, 1, 2, 3)
+        if normalise:
+            z = (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+        return z
+
+    def decode(self, latents: torch.Tensor, normalised: bool = True, full_res: bool = True) -> torch.Tensor:
+        """[B, 128, L, h, w] -> [B, 3, 1 + 8(L-1), 32h, 32w] in [0, 1] (pooled size if not full_res)."""
+        z = latents.float()
+        if normalised:
+            z = z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+        b, _, n, hh, ww = z.shape
+        p, s = self.patch, self.stride
+        x = self.dec(z.permute(0, 2, 3, 4, 1)).view(b, n, hh, ww, 3, s, p, p)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, 3, n * s, hh * p, ww * p)[:, :, s - 1:]
+        x = (x + 1) / 2
+        if full_res and self.pool > 1:
+            f = x.shape[2]
+            x = F.interpolate(x.transpose(1, 2).reshape(b * f, 3, hh * p, ww * p), scale_factor=self.pool,
+                              mode="bilinear", align_corners=False)
+            x = x.view(b, f, 3, hh * p * self.pool, ww * p * self.pool).transpose(1, 2)
+        return x.clamp(0, 1)
+
+
+def mel_filterbank(n_fft: int = N_FFT, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE,
+                   f_min: float = 0.0, f_max: Optional[float] = None) -> torch.Tensor:
+    """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1], area-normalised (Slaney-style)."""
+    f_max = f_max or sample_rate / 2
+    mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
+    pts = torch.linspace(mel(f_min), mel(f_max), n_mels + 2, dtype=torch.float64)
+    hz = 700 * (10 ** (pts / 2595) - 1)
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    lo, ce, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    fb = torch.clamp(torch.minimum((freqs - lo) / (ce - lo), (hi - freqs) / (hi - ce)), min=0)
+    fb = fb * (2.0 / (hi - lo))
+    return fb.float()
+
+
+def mel_bin_of(freq: float, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE) -> int:
+    mel = lambda f: 2595 * math.log10(1 + f / 700)  # noqa: E731
+    return int(round(mel(freq) / mel(sample_rate / 2) * (n_mels + 1))) - 1
+
+
+class MelFrontEnd(nn.Module):
+    """LTX-2's audio front end at toy scale: STFT 1024 / hop 160 (centred, reflect), 64 mel, log."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("fb", mel_filterbank(), persistent=False)
+        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """[B, N] (N = 160 m) -> log-mel [B, 64, m + 1]."""
+        spec = torch.stft(wave.float(), N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
+                          return_complex=True).abs()
+        return torch.log(torch.clamp(self.fb @ spec, min=1e-5))
+
+
+class AudioCodec(nn.Module):
+    def __init__(self, channels: int = 8, bins: int = 16, hidden: int = 256, stride: int = 4, n_mels: int = N_MELS):
+        super().__init__()
+        self.channels, self.bins, self.stride, self.n_mels = channels, bins, stride, n_mels
+        d = n_mels * stride
+        self.enc = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, channels * bins))
+        self.dec = nn.Sequential(nn.Linear(channels * bins, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.register_buffer("latent_mean", torch.zeros(channels * bins))
+        self.register_buffer("latent_std", torch.ones(channels * bins))
+        self.front = MelFrontEnd()
+
+    def encode_mel(self, mel: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+        """log-mel [B, 64, 1 + 4k] -> [B, 8, 1 + k, 16]."""
+        b, m, t = mel.shape
+        if (t - 1) % self.stride:
+            raise ValueError(f"{t} mel frames; the codec needs 1 + {self.stride}k")
+        x = (mel + MEL_OFFSET) / MEL_SCALE
+        x = torch.cat([x[:, :, :1].expand(-1, -1, self.stride - 1), x], 2)  # causal: frame 0 alone
+        n = x.shape[2] // self.stride
+        x = x.view(b, m, n, self.stride).permute(0, 2, 3, 1).reshape(b, n, -1)
+        z = self.enc(x)
+        if normalise:
+            z = (z - self.latent_mean) / self.latent_std
+        return z.view(b, n, self.channels, self.bins).permute(0, 2, 1, 3)
+
+    def encode(self, wave: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+        return self.encode_mel(self.front(wave), normalise)
+
+    def decode_mel(self, latents: torch.Tensor, normalised: bool = True) -> torch.Tensor:
+        """[B, 8, L, 16] -> log-mel [B, 64, 1 + 4(L-1)]."""
+        b, c, n, f = latents.shape
+        z = latents.float().permute(0, 2, 1, 3).reshape(b, n, c * f)
+        if normalised:
+            z = z * self.latent_std + self.latent_mean
+        x = self.dec(z).view(b, n, self.stride, self.n_mels).reshape(b, n * self.stride, self.n_mels)
+        x = x[:, self.stride - 1:].transpose(1, 2)
+        return x * MEL_SCALE - MEL_OFFSET
+
+
+class Vocoder(nn.Module):
+    """Procedural vocoder: log-mel -> linear magnitude (pseudo-inverse of the filterbank) -> Griffin-Lim."""
+
+    def __init__(self, iters: int = 24, out_rate: int = 24000):
+        super().__init__()
+        self.iters, self.out_rate = iters, out_rate
+        fb = mel_filterbank()
+        self.register_buffer("inv", torch.linalg.pinv(fb), persistent=False)
+        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, log_mel: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """[B, 64, m + 1] -> waveform [B, 160 m * out_rate / 16000] at `out_rate` Hz."""
+        mag = torch.clamp(self.inv @ torch.exp(log_mel.float()), min=0)
+        mag = torch.where(mag < 2e-5, torch.zeros_like(mag), mag)
+        n = HOP * (mag.shape[-1] - 1)
+        g = torch.Generator().manual_seed(seed)
+        phase = torch.exp(2j * math.pi * torch.rand(mag.shape, generator=g)).to(torch.complex64)
+        wave = None
+        for _ in range(self.iters):
+            wave = torch.istft(mag * phase, N_FFT, HOP, window=self.window, center=True, length=n)
+            spec = torch.stft(wave, N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
+                              return_complex=True)
+            phase = spec / spec.abs().clamp(min=1e-8)
+        wave = torch.istft(mag * phase, N_FFT, HOP, window=self.window, center=True, length=n)
+        if self.out_rate != SAMPLE_RATE:
+            out_n = int(round(n * self.out_rate / SAMPLE_RATE))
+            wave = F.interpolate(wave[:, None], size=out_n, mode="linear", align_corners=False)[:, 0]
+        return wave.clamp(-1, 1)
+
+
+class Codecs(nn.Module):
+    """The toy's decoders (and encoders) in one module: what the demo needs to see and hear latents."""
+
+    def __init__(self):
+        super().__init__()
+        self.video = VideoCodec()
+        self.audio = AudioCodec()
+        self.vocoder = Vocoder()
+
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.video.decode(latents)
+
+    @torch.no_grad()
+    def decode_audio(self, latents: torch.Tensor, sample_rate: int = 24000) -> torch.Tensor:
+        self.vocoder.out_rate = sample_rate
+        return self.vocoder(self.audio.decode_mel(latents))
+
+
+def train_codecs(codecs: Codecs, clips, steps: int = 600, lr: float = 2e-3, seed: int = 0, batch: int = 8,
+                 log=print) -> dict:
+    """Fit both autoencoders on a pool of world clips (`clips`: list of world.Clip), then set the
+    per-channel latent statistics. Deterministic for a seed."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    pooled = torch.stack([F.avg_pool3d(c.video, (1, codecs.video.pool, codecs.video.pool)) for c in clips])
+    mels = codecs.audio.front(torch.stack([c.audio for c in clips]))
+    bg = torch.tensor([0.05, 0.05, 0.08]).view(1, 3, 1, 1, 1)
+    params = list(codecs.video.enc.parameters()) + list(codecs.video.dec.parameters()) + \
+        list(codecs.audio.enc.parameters()) + list(codecs.audio.dec.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    hist = []
+    for step in range(steps):
+        idx = torch.randint(len(clips), (batch,), generator=g)
+        v, m = pooled[idx], mels[idx]
+        zv = codecs.video.encode(v, normalise=False, pooled=True)
+        rv = codecs.video.decode(zv, normalised=False, full_res=False)
+        # weight object pixels up: the background is most of the frame
+        w = 1 + 8 * (v - bg).abs().sum(1, keepdim=True)
+        lv = (w * (rv - v) ** 2).mean()
+        za = codecs.audio.encode_mel(m, normalise=False)
+        ra = codecs.audio.decode_mel(za, normalised=False)
+        la = ((ra - m) / MEL_SCALE).pow(2).mean()
+        loss = lv + la
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        hist.append((lv.item(), la.item()))
+        if step % 100 == 0 or step == steps - 1:
+            log(f"codecs step {step}/{steps} video {lv.item():.5f} audio {la.item():.5f}")
+    with torch.no_grad():
+        zv = codecs.video.encode(pooled, normalise=False, pooled=True)
+        za = codecs.audio.encode_mel(mels, normalise=False)
+        codecs.video.latent_mean.copy_(zv.mean((0, 2, 3, 4)))
+        codecs.video.latent_std.copy_(zv.std((0, 2, 3, 4)).clamp(min=1e-3))
+        za = za.permute(0, 2, 1, 3).reshape(-1, 128)
+        codecs.audio.latent_mean.copy_(za.mean(0))
+        codecs.audio.latent_std.copy_(za.std(0).clamp(min=1e-3))
+    return {"video_mse": hist[-1][0], "audio_mse": hist[-1][1], "first": hist[0]}
+
+
+__all__ = ["VideoCodec", "AudioCodec", "MelFrontEnd", "Vocoder", "Codecs", "mel_filterbank", "mel_bin_of",
+           "train_codecs", "N_MELS"]

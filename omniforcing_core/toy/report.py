@@ -1,0 +1,371 @@
+"""Measurements of the toy recipe: A/V synchrony, event recall, a fidelity proxy, speed; the sink
+ablation; exporting the trained student as the embedded default.
+
+Event detectors (also run on the codec reconstruction of held-out world clips, the reference row):
+* sound onsets: decoded log-mel, per colour the band around its pitch, an onset where the band level
+  crosses a threshold upwards (100 frames/s, 150 ms refractory);
+* visual events: per colour the centroid of pixels near that colour in the decoded frames (24 fps);
+  a floor bounce is a local maximum of y, a wall hit a sign flip of the x velocity; time refined by
+  a parabola through the three frames around the extremum.
+A visual event is matched to the nearest onset of the same colour within +-200 ms; offset =
+onset - visual event. Recall = matched visual events / visual events.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .world import COLOURS, FPS, make_clip
+
+MATCH_S = 0.2
+
+
+# -- detectors -----------------------------------------------------------------------------------------
+
+def sound_onsets(log_mel: torch.Tensor, colours=None, thr: float = -5.0, refractory: int = 15) -> dict:
+    """log_mel [64, M] -> {colour: [onset seconds]}."""
+    from .codecs import mel_bin_of
+    out = {}
+    for c in colours or COLOURS:
+        k = mel_bin_of(COLOURS[c][1])
+        band = log_mel[max(0, k - 1):k + 2].max(0).values
+        on, last = [], -10 ** 9
+        for m in range(1, band.shape[0]):
+            if band[m] >= thr > band[m - 1] and m - last >= refractory:
+                on.append(m / 100.0)
+                last = m
+        out[c] = on
+    return out
+
+
+def tracks(frames: torch.Tensor, colours=None, tol: float = 0.3):
+    """frames [3, F, H, W] -> {colour: (x [F], y [F], area [F])} centroids (NaN when absent)."""
+    out = {}
+    f, h, w = frames.shape[1:]
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    for c in colours or COLOURS:
+        rgb = torch.tensor(COLOURS[c][0]).view(3, 1, 1, 1)
+        d = (frames - rgb).abs().amax(0)  # [F, H, W]
+        m = (d < tol).float()
+        area = m.sum((1, 2))
+        cx = (m * xs).sum((1, 2)) / area.clamp(min=1)
+        cy = (m * ys[:, None]).sum((1, 2)) / area.clamp(min=1)
+        absent = area < 2
+        cx[absent], cy[absent] = float("nan"), float("nan")
+        out[c] = (cx, cy, area / (h * w))
+    return out
+
+
+def _parabola_peak(a, b, c) -> float:
+    den = a - 2 * b + c
+    return 0.0 if abs(den) < 1e-12 else float(max(-0.5, min(0.5, 0.5 * (a - c) / den)))
+
+
+def visual_events(trk: dict, min_v: float = 0.008, edge: float = 0.3) -> dict:
+    """{colour: [event seconds]} from centroid tracks: floor bounces (y maxima) and wall hits (x flips)."""
+    out = {}
+    for c, (x, y, _) in trk.items():
+        ev = []
+        n = x.shape[0]
+        for i in range(1, n - 1):
+            if any(math.isnan(float(t)) for t in (x[i - 1], x[i], x[i + 1], y[i - 1], y[i], y[i + 1])):
+                continue
+            dy0, dy1 = float(y[i] - y[i - 1]), float(y[i + 1] - y[i])
+            dx0, dx1 = float(x[i] - x[i - 1]), float(x[i + 1] - x[i])
+            if dy0 > min_v and dy1 < -min_v and float(y[i]) > 1 - edge:  # near the floor
+                ev.append((i + _parabola_peak(float(y[i - 1]), float(y[i]), float(y[i + 1]))) / FPS)
+            elif ((dx0 > min_v and dx1 < -min_v and float(x[i]) > 1 - edge)
+                  or (dx0 < -min_v and dx1 > min_v and float(x[i]) < edge)):  # near a wall
+                ev.append((i + _parabola_peak(float(x[i - 1]), float(x[i]), float(x[i + 1]))) / FPS)
+        out[c] = ev
+    return out
+
+
+def match(vis: dict, aud: dict, window: float = MATCH_S):
+    offsets, n_vis, n_match = [], 0, 0
+    for c, ts in vis.items():
+        for t in ts:
+            n_vis += 1
+            cand = [a - t for a in aud.get(c, []) if abs(a - t) <= window]
+            if cand:
+                n_match += 1
+                offsets.append(min(cand, key=abs))
+    return offsets, n_vis, n_match
+
+
+def caption_colours(caption: str) -> list[str]:
+    return [c for c in COLOURS if c in caption.split()]
+
+
+def presence(trk: dict, colours: list[str]) -> float:
+    """Fraction of frames where exactly the captioned colours are visible with a plausible area."""
+    f = next(iter(trk.values()))[2].shape[0]
+    ok = torch.ones(f, dtype=torch.bool)
+    for c, (_, _, area) in trk.items():
+        if c in colours:
+            ok &= (area > 0.004) & (area < 0.12)
+        else:
+            ok &= area < 0.002
+    return float(ok.float().mean())
+
+
+def analyse(frames: torch.Tensor, log_mel: torch.Tensor, caption: str) -> dict:
+    cols = caption_colours(caption)
+    trk = tracks(frames, list(COLOURS))
+    vis = visual_events({c: trk[c] for c in cols})
+    aud = sound_onsets(log_mel, cols)
+    offs, nv, nm = match(vis, aud)
+    return {"offsets": offs, "n_visual": nv, "n_matched": nm, "presence": presence(trk, cols),
+            "n_onsets": sum(len(v) for v in aud.values())}
+
+
+# -- generation paths ------------------------------------------------------------------------------------
+
+def _decode(codecs, v, a):
+    frames = codecs.video.decode(v, full_res=False)[0]
+    mel = codecs.audio.decode_mel(a)[0]
+    return frames, mel
+
+
+def gen_teacher(teacher, te, caption, shape_v, shape_a, seed, steps, cfg_v=3.0, cfg_a=5.0):
+    from .stages import teacher_sample
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    v, a, _ = teacher_sample(teacher, te, [caption], shape_v, shape_a, g, steps=steps, cfg_v=cfg_v, cfg_a=cfg_a)
+    dt = time.perf_counter() - t0
+    return v, a, dt, dt  # bidirectional: the first chunk is the whole clip
+
+
+@torch.no_grad()
+def gen_causal(model, te, caption, layout, size, seconds, seed):
+    from ..sampling import StreamSpec, stream
+    from ..layout import make_clip as make_layout_clip
+    feats = te([caption])
+    text = model.text_kv(feats, feats)
+    clip = make_layout_clip(layout, size, size, seconds=seconds)
+    t0 = time.perf_counter()
+    ttfc, vs, as_ = None, [], []
+    for r in stream(model, StreamSpec.from_clip(clip, seed=seed), text):
+        if ttfc is None:
+            ttfc = time.perf_counter() - t0
+        vs.append(r.video)
+        as_.append(r.audio)
+    return torch.cat(vs, 2), torch.cat(as_, 2), time.perf_counter() - t0, ttfc
+
+
+def _row(name, results, times, ttfcs):
+    offs = [o for r in results for o in r["offsets"]]
+    nv = sum(r["n_visual"] for r in results)
+    nm = sum(r["n_matched"] for r in results)
+    absd = sorted(abs(o) * 1000 for o in offs)
+    p90 = absd[min(len(absd) - 1, int(math.ceil(0.9 * len(absd))) - 1)] if absd else float("nan")
+    return {"model": name, "mean_abs_offset_ms": sum(absd) / len(absd) if absd else float("nan"),
+            "mean_signed_offset_ms": 1000 * sum(offs) / len(offs) if offs else float("nan"),
+            "p90_abs_offset_ms": p90, "event_recall": nm / nv if nv else float("nan"), "visual_events": nv,
+            "presence": sum(r["presence"] for r in results) / len(results),
+            "s_per_clip": sum(times) / len(times) if times else float("nan"),
+            "ttfc_s": sum(ttfcs) / len(ttfcs) if ttfcs else float("nan")}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| model | A/V offset mean abs (ms) | p90 abs (ms) | mean signed (ms) | event recall | visual events "
+            "| object presence | s / clip | time to first chunk (s) |")
+    lines = [head, "|" + "---|" * 9]
+    f = lambda x, d=1: "n/a" if x != x else f"{x:.{d}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']} | {f(r['mean_abs_offset_ms'])} | {f(r['p90_abs_offset_ms'])} | "
+                     f"{f(r['mean_signed_offset_ms'])} | {f(r['event_recall'], 2)} | {r['visual_events']} | "
+                     f"{f(r['presence'], 2)} | {f(r['s_per_clip'], 2)} | {f(r['ttfc_s'], 2)} |")
+    return "\n".join(lines)
+
+
+def run_report(teacher_dir, student_dir, codecs_dir, n: int = 12, seed: int = 7_000_000, teacher_steps: int = 20,
+               seconds: int = 2, size: int = 128, log=print, use_ema: bool = True, stage2_dir=None) -> list[dict]:
+    from ..layout import make_layout
+    from .__main__ import load_codecs
+    from .stages import load_teacher
+    codecs = load_codecs(codecs_dir)
+    teacher, te = load_teacher(teacher_dir)
+    student, layout = load_student(student_dir, use_ema)
+    v2 = make_layout("v2")
+    h = size // 32
+    rows_in = {"codec reconstruction (reference)": ([], [], []),
+               f"teacher (bidirectional, {teacher_steps} Euler steps, CFG)": ([], [], []),
+               "student (causal, 4 steps, KV cache)": ([], [], []),
+               "undistilled causal (teacher weights, causal, 4 steps, KV cache)": ([], [], [])}
+    if stage2_dir is not None:
+        rows_in["student after Stage II only (causal, 4 steps, KV cache)"] = ([], [], [])
+        stage2, lay2 = load_student(stage2_dir, use_ema)
+    keys = list(rows_in)
+    gt_offsets, chance = [], []
+    for i in range(n):
+        clip = make_clip(seed + i, seconds, size)
+        cap = clip.caption
+        with torch.no_grad():
+            zv = codecs.video.encode(clip.video[None])
+            za = codecs.audio.encode(clip.audio[None])
+        outs = {keys[0]: (zv, za, float("nan"), float("nan")),
+                keys[1]: gen_teacher(teacher, te, cap, zv.shape, za.shape, seed + i, teacher_steps),
+                keys[2]: gen_causal(student, te, cap, layout, size, seconds, seed + i),
+                keys[3]: gen_causal(teacher, te, cap, v2, size, seconds, seed + i)}
+        if stage2_dir is not None:
+            outs[keys[4]] = gen_causal(stage2, te, cap, lay2, size, seconds, seed + i)
+        for k, (v, a, dt, tt) in outs.items():
+            fr, mel = _decode(codecs, v, a)
+            res = analyse(fr, mel, cap)
+            rows_in[k][0].append(res)
+            if dt == dt:
+                rows_in[k][1].append(dt)
+                rows_in[k][2].append(tt)
+        # ground-truth check of the detectors on the exact (uncompressed) clip, and chance level:
+        # the same clip with its audio circularly shifted by 0.7 s (right sounds, wrong times)
+        gt_frames = torch.nn.functional.avg_pool3d(clip.video, (1, 4, 4))
+        gt_mel = codecs.audio.front(clip.audio[None])[0]
+        gt_offsets.append(analyse(gt_frames, gt_mel, cap))
+        chance.append(analyse(gt_frames, torch.roll(gt_mel, 70, dims=1), cap))
+        log(f"report clip {i + 1}/{n}: {cap}")
+    rows = [_row("ground-truth clip (detector check)", gt_offsets, [], []),
+            _row("chance level (ground truth, audio shifted 0.7 s)", chance, [], [])]
+    rows += [_row(k, *v) for k, v in rows_in.items()]
+    return rows
+
+
+# -- student export / loading -----------------------------------------------------------------------------
+
+def load_student(path, use_ema: bool = True):
+    """A trained causal student from a run dir (EMA weights when present) -> (model, layout)."""
+    from ..layout import make_layout
+    from ..model import OmniForcingTransformer
+    from .configs import StageConfig
+    from .stages import _load_run_modules, load_into
+    p = Path(path)
+    cfg = StageConfig.from_dict(json.loads((p / "state.json").read_text())["config"])
+    st = _load_run_modules(p, ("model", "ema"))
+    w = st["ema"] if use_ema and st["ema"] else st["model"]
+    m = OmniForcingTransformer(cfg.model_config())
+    load_into(m, w, allow_missing=())
+    return m.eval().requires_grad_(False), make_layout(cfg.layout, num_sinks=cfg.num_sinks)
+
+
+def export_assets(student_dir, codecs_dir, out, use_ema: bool = True) -> dict:
+    """Write the embedded default: student transformer (LTX-2 key names + header), caption encoder,
+    codec decoders (+ latent statistics). Small fp32 safetensors."""
+    from safetensors.torch import save_file
+    from ..loader import header_for
+    from .__main__ import load_codecs
+    from .stages import _load_run_modules
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, layout = load_student(student_dir, use_ema)
+    te = _load_run_modules(student_dir, ("text",))["text"]
+    meta = {"config": json.dumps({"transformer": header_for(model.config)}),
+            "omniforcing_toy": json.dumps({"model_config": json.loads(model.config.to_json()), "layout": layout.kind,
+                                           "num_sinks": layout.num_sinks, "size": 128, "seconds": 2})}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "toy_student.safetensors"),
+              metadata=meta)
+    save_file({k: v.contiguous() for k, v in te.items()}, str(out / "toy_text.safetensors"))
+    c = load_codecs(codecs_dir)
+    keep = {k: v.contiguous() for k, v in c.state_dict().items() if ".dec." in f".{k}" or "latent_" in k}
+    save_file(keep, str(out / "toy_codecs.safetensors"))
+    sizes = {f.name: f.stat().st_size for f in out.glob("toy_*.safetensors")}
+    print(json.dumps(sizes))
+    return sizes
+
+
+# -- sink ablation ------------------------------------------------------------------------------------------
+
+def ablation_main(a) -> int:
+    from .configs import toy_config
+    from .train import Runner, summarize
+    rows = []
+    variants = []  # tokens: "v2" (4-3-3-3-3, no sinks), "N" (prefix, N sinks, identity RoPE), "Ni" (incremental)
+    for tok in a.sinks.split(","):
+        if tok == "v2":
+            variants.append(("v2", 0, "identity"))
+        else:
+            variants.append(("prefix", int(tok.rstrip("i")), "incremental" if tok.endswith("i") else "identity"))
+    for layout, s, pos in variants:
+        name = "v2 4-3-3-3-3 (no sinks)" if layout == "v2" else \
+            f"prefix S={s}" + (" incremental RoPE" if pos == "incremental" else (" identity RoPE" if s else ""))
+        cfg = toy_config("causal", data=a.data, init=a.teacher, steps=a.steps, layout=layout, num_sinks=s,
+                         sink_positions=pos, lr=a.lr, log_every=max(1, a.steps // 3), save_every=10 ** 9)
+        t0 = time.perf_counter()
+        sub = f"{layout}_S{s}_{pos}"
+        Runner(cfg, Path(a.out) / sub, resume=False).run()
+        wall = time.perf_counter() - t0
+        st = json.loads((Path(a.out) / sub / "state.json").read_text())
+        sm = summarize(st["metrics"], window=max(5, a.steps // 10))
+        sa = summarize(st["metrics"], key="audio", window=max(5, a.steps // 10))
+        rows.append({"variant": name, "loss_first": sm["first"], "loss_last": sm["last"],
+                     "audio_loss_last": sa["last"], "max_grad_norm": sm["max_grad_norm"], "finite": sm["finite"],
+                     "wall_s": wall})
+        print(json.dumps(rows[-1]))
+    lines = ["| variant | loss (first 10%) | loss (last 10%) | audio loss (last 10%) | max grad norm | converged |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        conv = "yes" if r["finite"] and r["loss_last"] < 0.7 * r["loss_first"] else "no"
+        lines.append(f"| {r['variant']} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | {r['audio_loss_last']:.4f} "
+                     f"| {r['max_grad_norm']:.3f} | {conv} |")
+    table = "\n".join(lines)
+    print(table)
+    (Path(a.out) / "ablation.json").write_text(json.dumps(rows, indent=1))
+    (Path(a.out) / "ablation.md").write_text(table + "\n")
+    return 0
+
+
+def main(a) -> int:
+    rows = run_report(a.teacher, a.student, a.codecs, n=a.n, seed=a.seed, teacher_steps=a.teacher_steps,
+                      stage2_dir=a.stage2)
+    table = format_table(rows)
+    print(table)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+__all__ = ["sound_onsets", "tracks", "visual_events", "match", "analyse", "run_report", "format_table",
+           "load_student", "export_assets", "ablation_main"]
+
+
+# -- the README demo ------------------------------------------------------------------------------------------
+
+def measure_default(prompt: str = "a red ball bounces twice, a blue square slides", seconds: int = 3,
+                    seeds=(0, 1, 2, 3), assets=None) -> dict:
+    """Stream the embedded default on the demo prompt and measure the A/V offset of what it made."""
+    from ..embedded import load_default
+    from ..layout import make_clip as layout_clip
+    from ..sampling import StreamSpec, stream
+    d = load_default(assets)
+    if not d.trained:
+        raise RuntimeError("no trained assets: load_default() is the random fallback; run `export` first")
+    results, times, ttfcs = [], [], []
+    for seed in seeds:
+        clip = layout_clip(d.layout, d.size, d.size, seconds=seconds)
+        t0 = time.perf_counter()
+        vs, as_, ttfc = [], [], None
+        with torch.no_grad():
+            for r in stream(d.model, StreamSpec.from_clip(clip, seed=seed), d.text(prompt)):
+                ttfc = ttfc if ttfc is not None else time.perf_counter() - t0
+                vs.append(r.video)
+                as_.append(r.audio)
+        times.append(time.perf_counter() - t0)
+        ttfcs.append(ttfc)
+        v, a = torch.cat(vs, 2), torch.cat(as_, 2)
+        frames = d.codecs.video.decode(v, full_res=False)[0]
+        mel = d.codecs.audio.decode_mel(a)[0]
+        results.append(analyse(frames, mel, prompt))
+    row = _row(f"demo: '{prompt}', {seconds} s, seeds {list(seeds)}", results, times, ttfcs)
+    return row
+
+
+def demo_main(a) -> int:
+    row = measure_default(a.prompt, a.seconds, tuple(range(a.seeds)))
+    print(format_table([row]))
+    print(json.dumps(row))
+    return 0

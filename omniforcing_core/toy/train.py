@@ -1,0 +1,186 @@
+"""The training entry point shared by the toy runs and the real LTX-2 recipe.
+
+`Runner(cfg, run_dir).run()` trains one stage with progress lines, periodic checkpoints
+(`ckpt.safetensors`: every module as `<name>.<key>`, every optimiser state as `optim.<name>.<i>.<key>`;
+`state.json`: config, step, optimiser hyper-parameters, metrics, wall time) and resumes from the
+run dir when one exists. Launched under `torchrun` (WORLD_SIZE > 1) it initialises
+torch.distributed, gives every rank its own data/noise stream, averages gradients (DDP), or shards
+the trainable models with FSDP2 (`fully_shard` per transformer block, then the root) when
+`cfg.fsdp` is set - the path the real 19B configs use. The distributed path is import-tested only
+in this repository (no GPUs here); the single-process path is what the toy runs and CI use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .configs import StageConfig
+from .stages import STAGES, Stage
+
+
+# -- distributed -------------------------------------------------------------------------------------
+
+def dist_env() -> tuple[int, int, str]:
+    """(rank, world, device) from torchrun's environment; (0, 1, cpu|cuda) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, f"cuda:{local}"
+    return rank, world, "cpu"
+
+
+def shard_model(model: torch.nn.Module, mixed_precision: Optional[str] = None) -> torch.nn.Module:
+    """FSDP2: one unit per transformer block plus the root (LTX-2 19B: 48 blocks of ~0.39 B params).
+    Block calls go through `__call__`, so the per-block hooks fire on both the masked full path and
+    the KV-cached block path; the root's own parameters are gathered explicitly by `unshard_root`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    for blk in model.transformer_blocks:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def unshard_root(model: torch.nn.Module) -> None:
+    if hasattr(model, "unshard"):
+        model.unshard()
+
+
+def average_gradients(params, world: int) -> None:
+    """DDP without the wrapper (the Sampler calls model methods, not forward): all-reduce grads."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def _full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    if any(type(m).__name__.startswith("FSDP") for m in module.modules()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return module.state_dict()
+
+
+def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_s: float) -> None:
+    from safetensors.torch import save_file
+    tensors, groups = {}, {}
+    for name, mod in stage.modules().items():
+        for k, v in _full_state(mod).items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
+    for name, opt in stage.optimizers().items():
+        sd = opt.state_dict()
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                t = v if torch.is_tensor(v) else torch.tensor(v)
+                tensors[f"optim.{name}.{pid}.{k}"] = t.detach().contiguous().cpu()
+        groups[name] = sd["param_groups"]
+    state = {"stage": stage.cfg.stage, "step": step, "config": stage.cfg.to_dict(), "param_groups": groups,
+             "metrics": metrics[-2000:], "wall_s": wall_s, "format": 1}
+    tmp = run_dir / "ckpt.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"stage": stage.cfg.stage, "step": str(step)})
+    os.replace(tmp, run_dir / "ckpt.safetensors")
+    (run_dir / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    os.replace(run_dir / "state.json.tmp", run_dir / "state.json")
+
+
+def load_checkpoint(run_dir: Path, stage: Stage) -> dict:
+    from safetensors.torch import load_file
+    state = json.loads((run_dir / "state.json").read_text())
+    t = load_file(str(run_dir / "ckpt.safetensors"))
+    for name, mod in stage.modules().items():
+        pre = name + "."
+        mod.load_state_dict({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}, strict=True)
+    for name, opt in stage.optimizers().items():
+        pre = f"optim.{name}."
+        st: dict = {}
+        for k, v in t.items():
+            if k.startswith(pre):
+                pid, key = k[len(pre):].split(".", 1)
+                st.setdefault(int(pid), {})[key] = v
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in gr.items()} for gr in state["param_groups"][name]]
+        opt.load_state_dict({"state": st, "param_groups": groups})
+    return state
+
+
+# -- runner ------------------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, cfg: StageConfig, run_dir, *, resume: bool = True, log: Callable[[str], None] = print):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.rank, self.world, self.device = dist_env()
+        self.log = log if self.rank == 0 else (lambda s: None)
+
+    def run(self, max_steps: Optional[int] = None) -> dict:
+        """Train until `cfg.steps` (or `max_steps` more steps); returns the last metrics."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.stage not in STAGES:
+            raise ValueError(f"stage '{cfg.stage}' is not a training stage; use {', '.join(STAGES)}")
+        torch.manual_seed(cfg.seed)
+        stage = STAGES[cfg.stage](cfg, self.rank, self.world, self.device)
+        if self.world > 1 and cfg.fsdp:
+            for name in ("model", "critic"):
+                if hasattr(stage, name):
+                    shard_model(getattr(stage, name), cfg.mixed_precision)
+        start, metrics, wall0 = 0, [], 0.0
+        if self.resume and (self.run_dir / "state.json").exists():
+            st = load_checkpoint(self.run_dir, stage)
+            start, metrics, wall0 = st["step"], st["metrics"], st["wall_s"]
+            self.log(f"[{cfg.stage}] resumed at step {start} from {self.run_dir}")
+        (self.run_dir / "config.json").write_text(cfg.to_json())
+        end = cfg.steps if max_steps is None else min(cfg.steps, start + max_steps)
+        t0 = time.perf_counter()
+        last, recent = {}, {}
+        for i in range(start, end):
+            last = stage.step(i)
+            last["step"] = i
+            metrics.append(last)
+            recent.update({k: v for k, v in last.items() if isinstance(v, float) and v == v})
+            done = i + 1
+            if done % cfg.log_every == 0 or done == end:
+                el = time.perf_counter() - t0
+                per = el / (done - start)
+                txt = " ".join(f"{k} {v:.4g}" for k, v in recent.items())  # newest value of every metric
+                self.log(f"[{cfg.stage}] step {done}/{cfg.steps} {txt} | {per:.2f} s/step, "
+                         f"eta {per * (cfg.steps - done):.0f} s")
+            if self.rank == 0 and (done % cfg.save_every == 0 or done == end):
+                save_checkpoint(self.run_dir, stage, done, metrics, wall0 + time.perf_counter() - t0)
+        self.stage = stage
+        return last
+
+
+def summarize(metrics: list, key: str = "loss", window: int = 50) -> dict:
+    vals = [m[key] for m in metrics if key in m and m[key] == m[key]]
+    if not vals:
+        return {}
+    gn = [m.get("grad_norm", m.get("gen_grad_norm", float("nan"))) for m in metrics]
+    gn = [g for g in gn if g == g]
+    head = sum(vals[:window]) / len(vals[:window])
+    tail = sum(vals[-window:]) / len(vals[-window:])
+    return {"first": head, "last": tail, "max_grad_norm": max(gn) if gn else float("nan"),
+            "finite": all(math_isfinite(v) for v in vals)}
+
+
+def math_isfinite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "dist_env", "shard_model", "unshard_root",
+           "average_gradients", "summarize"]

@@ -1,0 +1,76 @@
+// The example workflows, as node specs the builder turns into real frontend graphs. Widget values are
+// set by name; links are [from node, output slot, to node, input name]. Model names are the real ones;
+// the host tests write tiny random-weight files under the same names.
+const LTX = "ltx-2-19b-dev.safetensors";
+const GENERATOR = "omniforcing/omniforcing_ltx2_5s_causal/";
+const STEPS = "1000,909,725,421,0";
+
+const loaders = (x = 40) => [
+  { id: 1, type: "CheckpointLoaderSimple", pos: [x, 60], title: "LTX-2 checkpoint (video VAE)", widgets: { ckpt_name: LTX } },
+  { id: 2, type: "LTXVAudioVAELoader", pos: [x, 220], widgets: { ckpt_name: LTX } },
+  { id: 3, type: "LTXAVTextEncoderLoader", pos: [x, 340],
+    widgets: { text_encoder: "gemma_3_12B_it.safetensors", ckpt_name: LTX, device: "default" } },
+  { id: 4, type: "OmniForcingModelLoader", pos: [x, 520],
+    widgets: { generator: GENERATOR, base: `checkpoints/${LTX}`, weight_dtype: "default", layout: "auto", rope: "auto" } },
+];
+
+const note = (id, pos, text) => ({ id, type: "MarkdownNote", pos, size: [420, 220], widgets: { text } });
+
+const FILES = `Files (none are downloaded):
+- \`models/checkpoints/${LTX}\` (LTX-2 base: VAEs, vocoder, text connectors)
+- \`models/text_encoders/gemma_3_12B_it.safetensors\`
+- \`models/omniforcing/omniforcing_ltx2_5s_causal/\` (the OmniForcing generator shards + index)`;
+
+const decodeTail = (sampler, x) => [
+  { id: 20, type: "LTXVSeparateAVLatent", pos: [x, 60] },
+  { id: 21, type: "VAEDecode", pos: [x + 260, 40] },
+  { id: 22, type: "LTXVAudioVAEDecode", pos: [x + 260, 160] },
+];
+const decodeLinks = (sampler) => [
+  [sampler, 0, 20, "av_latent"], [20, 0, 21, "samples"], [1, 2, 21, "vae"], [20, 1, 22, "samples"], [2, 0, 22, "audio_vae"],
+];
+
+export const WORKFLOWS = {
+  omniforcing_t2av_5s: {
+    nodes: [
+      ...loaders(),
+      { id: 10, type: "CLIPTextEncode", pos: [480, 60], size: [400, 160], title: "Prompt",
+        widgets: { text: "A golden retriever runs along a beach at sunset, waves crash on the sand, the dog barks twice." } },
+      { id: 11, type: "OmniForcingSampler", pos: [480, 300],
+        widgets: { width: 768, height: 512, seconds: 5, seed: 42, control_after_generate: "fixed", steps: STEPS, window: 0, layout: "model" } },
+      ...decodeTail(11, 940),
+      { id: 23, type: "CreateVideo", pos: [1460, 60], widgets: { fps: 24 } },
+      { id: 24, type: "SaveVideo", pos: [1720, 60], size: [360, 420], widgets: { filename_prefix: "omniforcing/t2av", format: "mp4" } },
+      note(30, [40, 760], `### OmniForcing: text -> audio + video (5 s)\nThe sampler returns a native LTX-2 A/V latent: it is decoded with ComfyUI's own LTX-2 nodes.\n\n${FILES}`),
+    ],
+    links: [[3, 0, 10, "clip"], [4, 0, 11, "model"], [10, 0, 11, "positive"], ...decodeLinks(11),
+            [21, 0, 23, "images"], [22, 0, 23, "audio"], [23, 0, 24, "video"]],
+  },
+  omniforcing_stream_60s_schedule: {
+    nodes: [
+      ...loaders(),
+      { id: 10, type: "OmniForcingPromptSchedule", pos: [480, 60], size: [420, 200], title: "Timed prompts",
+        widgets: { text: "0s: a quiet forest at dawn, birds sing\n20s: a light rain starts, drops patter on the leaves\n40s: thunder rolls in the distance, heavy rain", recache: true } },
+      { id: 11, type: "OmniForcingStream", pos: [960, 60], size: [420, 900],
+        widgets: { width: 768, height: 512, seconds: 60, seed: 7, control_after_generate: "fixed", steps: STEPS, window: 4,
+                   layout: "model", filename_prefix: "omniforcing/stream60", decode: "balanced", keep_frames: false, rebase_rope: true } },
+      note(30, [40, 760], `### OmniForcing: a 60 s live stream with a prompt schedule\nA rolling window of 4 blocks keeps memory flat; \`rebase_rope\` lets it run past 20 s. The node plays the growing MP4 while it generates; files land in \`output/omniforcing/\` (MP4 + HLS). Cancel keeps what was made.\n\n${FILES}`),
+    ],
+    links: [[3, 0, 10, "clip"], [4, 0, 11, "model"], [10, 0, 11, "positive"], [1, 2, 11, "vae"], [2, 0, 11, "audio_vae"]],
+  },
+  omniforcing_i2av: {
+    nodes: [
+      ...loaders(),
+      { id: 9, type: "LoadImage", pos: [480, 380], size: [320, 320], widgets: { image: "example.png" } },
+      { id: 10, type: "CLIPTextEncode", pos: [480, 60], size: [400, 160], title: "Prompt",
+        widgets: { text: "The scene comes alive: a gentle breeze, distant birdsong, the camera slowly pushes in." } },
+      { id: 11, type: "OmniForcingSampler", pos: [940, 300],
+        widgets: { width: 768, height: 512, seconds: 5, seed: 3, control_after_generate: "fixed", steps: STEPS, window: 0, layout: "model" } },
+      ...decodeTail(11, 1400),
+      { id: 23, type: "OmniForcingMux", pos: [1920, 60], size: [360, 420], widgets: { fps: 24, filename_prefix: "omniforcing/i2av" } },
+      note(30, [40, 760], `### OmniForcing: image -> audio + video\nThe start image is encoded with the LTX-2 video VAE into the first latent frame and held clean; audio and the rest of the video follow it.\n\n${FILES}`),
+    ],
+    links: [[3, 0, 10, "clip"], [4, 0, 11, "model"], [10, 0, 11, "positive"], [9, 0, 11, "start_image"], [1, 2, 11, "vae"],
+            ...decodeLinks(11), [21, 0, 23, "images"], [22, 0, 23, "audio"]],
+  },
+};

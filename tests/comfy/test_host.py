@@ -1,0 +1,395 @@
+"""The pack inside a real, headless ComfyUI: registration, the example workflows on tiny models, bad
+inputs, cancel during a stream, and numeric checks against ComfyUI's own LTX-2 VAE classes."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_comfyui
+from host import error_text, load_api_workflow, nodes_of, status_messages, tinyfy
+
+pytestmark = needs_comfyui
+
+NODE_IDS = ["OmniForcingModelLoader", "OmniForcingFromNativeModel", "OmniForcingPromptAt",
+            "OmniForcingPromptSchedule", "OmniForcingSampler", "OmniForcingStream", "OmniForcingMux"]
+WORKFLOW_NAMES = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av"]
+FPS = 24
+
+
+def probe(path: Path):
+    from omniforcing_core.media import probe_media
+
+    assert path.is_file(), f"{path} was not written"
+    return probe_media(path)
+
+
+def tensors(host, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(host.output / "tensors" / f"{name}.safetensors"))
+
+
+# -- registration ------------------------------------------------------------------------------------
+
+def test_every_node_is_registered_with_tooltips(host):
+    info = host.get("/object_info")
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"not registered (import failure?): {missing}\n{host.log_tail()}"
+    for n in NODE_IDS:
+        for section in ("required", "optional"):
+            for name, spec in info[n]["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{n}.{name} has no tooltip"
+    assert "IMPORT FAILED" not in host.log_path.read_text(errors="replace")
+
+
+def test_web_extension_and_templates_are_served(host):
+    js = host.get("/extensions/omniforcing/omniforcing_stream.js")
+    assert b"omniforcing.stream" in js
+    templates = host.get("/workflow_templates")
+    assert sorted(templates.get("omniforcing", [])) == sorted(WORKFLOW_NAMES)
+    for name in WORKFLOW_NAMES:
+        ui = host.get(f"/api/workflow_templates/omniforcing/{name}.json")
+        ui = json.loads(ui) if isinstance(ui, bytes) else ui
+        assert {n["type"] for n in ui["nodes"]} >= {"OmniForcingModelLoader"}
+
+
+def test_loader_lists_files_indexes_and_shard_folders(host):
+    opts = host.get("/object_info/OmniForcingModelLoader")["OmniForcingModelLoader"]["input"]["required"]
+    listed = opts["generator"][1]["options"]
+    assert "omniforcing/omniforcing_ltx2_5s_causal/" in listed  # a folder of shards + index
+    assert "checkpoints/ltx-2-19b-dev.safetensors" in listed
+    assert not any("-00001-of-" in x or x.endswith("index.json") for x in listed), "list the folder, not its parts"
+
+
+# -- the example workflows ---------------------------------------------------------------------------
+
+def test_text_to_audio_video_workflow(host):
+    g = tinyfy(load_api_workflow("omniforcing_t2av_5s"), seconds=2)
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    (save,) = nodes_of(g, "SaveVideo")
+    (mp4,) = host.output_files(entry, save)
+    info = probe(mp4)
+    assert info.num_streams == 2 and (info.video.codec, info.audio.codec) == ("h264", "aac")
+    assert (info.video.width, info.video.height) == (64, 64)
+    assert info.video.frames == 1 + 24 * 2
+    assert info.audio.duration == pytest.approx(2.01, abs=0.03)  # (4T-3) mel frames of 10 ms
+
+
+def test_image_to_audio_video_workflow_with_unprocessed_text(host):
+    g = tinyfy(load_api_workflow("omniforcing_i2av"), seconds=2, text_mode="unprocessed")
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    (mux,) = nodes_of(g, "OmniForcingMux")
+    (mp4,) = host.output_files(entry, mux)
+    info = probe(mp4)
+    assert info.num_streams == 2 and info.video.frames == 49 and info.audio.sample_rate == 24000
+
+
+class StreamEvents:
+    """Collects our 'omniforcing.stream' websocket events (aiohttp ships with ComfyUI)."""
+
+    def __init__(self, host):
+        self.events, self.url = [], host.url.replace("http", "ws") + f"/ws?clientId={host.client_id}"
+        self.ready = threading.Event()
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(20), "websocket did not connect"
+
+    def _run(self):
+        import asyncio
+
+        import aiohttp
+
+        async def main():
+            async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+                self.ready.set()
+                while not self._stop:
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data.get("type") == "omniforcing.stream":
+                            self.events.append(data["data"])
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+        asyncio.run(main())
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+
+
+def test_stream_workflow_with_prompt_schedule_writes_live_files(host):
+    from omniforcing_core.live import read_playlist
+
+    g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=3, window=2)
+    (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
+    g[sched]["inputs"]["text"] = "0s: a forest at dawn | 1s: rain starts | 2s: thunder"
+    events = StreamEvents(host)
+    try:
+        entry = host.run(g)
+    finally:
+        time.sleep(0.5)
+        events.close()
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    (node,) = nodes_of(g, "OmniForcingStream")
+    (mp4,) = host.output_files(entry, node)
+    live = entry["outputs"][node]["omniforcing_stream"][0]
+    playlist = host.output / live["hls_subfolder"] / live["playlist"]
+    info = probe(mp4)
+    assert info.num_streams == 2 and info.video.frames == 73
+    pl = read_playlist(playlist)
+    assert pl.ended and pl.seconds == pytest.approx(73 / FPS, abs=1e-3)
+    assert probe(playlist).video.frames == 73
+    statuses = [e["status"] for e in events.events if e["node"] == node]
+    assert statuses[0] == "start" and statuses[-1] == "done" and statuses.count("block") == 3, statuses
+
+
+def test_native_model_path_shares_weights_and_matches_our_loader(host):
+    """UNETLoader (native LTXAV) -> From Native MODEL gives the same latents as our loader on the same
+    weights; the stream's exact decode equals decoding the whole latent with ComfyUI's VAE classes."""
+    base = tinyfy(load_api_workflow("omniforcing_t2av_5s"), seconds=3)
+    keep = {k: v for k, v in base.items() if v["class_type"] in
+            ("CheckpointLoaderSimple", "LTXVAudioVAELoader", "OmniForcingTestCLIP", "CLIPTextEncode",
+             "OmniForcingModelLoader", "OmniForcingSampler", "LTXVSeparateAVLatent", "VAEDecode",
+             "LTXVAudioVAEDecode")}
+    (sampler,) = nodes_of(keep, "OmniForcingSampler")
+    (vdec,) = nodes_of(keep, "VAEDecode")
+    (adec,) = nodes_of(keep, "LTXVAudioVAEDecode")
+    (ckpt,) = nodes_of(keep, "CheckpointLoaderSimple")
+    (avae,) = nodes_of(keep, "LTXVAudioVAELoader")
+    g = dict(keep)
+    g["100"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "omniforcing_ltx2_5s_causal.safetensors",
+                                                       "weight_dtype": "default"}}
+    g["101"] = {"class_type": "OmniForcingFromNativeModel",
+                "inputs": {"model": ["100", 0], "layout": "auto", "rope": "auto", "rope_precision": "auto",
+                           "av_gate_multiplier": "auto"}}
+    g["102"] = {"class_type": "OmniForcingSampler", "inputs": {**g[sampler]["inputs"], "model": ["101", 0]}}
+    g["110"] = {"class_type": "OmniForcingTestSaveTensors",
+                "inputs": {"name": "ours", "latent": [sampler, 0], "image": [vdec, 0], "audio": [adec, 0]}}
+    g["111"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "native", "latent": ["102", 0]}}
+    for mode in ("exact", "balanced", "fast"):
+        sid = f"12{len(mode)}"
+        g[sid] = {"class_type": "OmniForcingStream", "inputs": {
+            **{k: v for k, v in g[sampler]["inputs"].items() if k not in ("vae", "start_image")},
+            "vae": [ckpt, 2], "audio_vae": [avae, 0], "filename_prefix": f"omniforcing/cmp_{mode}",
+            "decode": mode, "keep_frames": True}}
+        g[f"13{len(mode)}"] = {"class_type": "OmniForcingTestSaveTensors",
+                               "inputs": {"name": f"stream_{mode}", "image": [sid, 0], "audio": [sid, 1]}}
+    entry = host.run(g, timeout=600)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    ours, native = tensors(host, "ours"), tensors(host, "native")
+    for k in ("video_latent", "audio_latent"):
+        assert ours[k].shape == native[k].shape
+        assert (ours[k] - native[k]).abs().max() < 1e-4, k
+    report = {}
+    for mode in ("exact", "balanced", "fast"):
+        s = tensors(host, f"stream_{mode}")
+        assert s["image"].shape == ours["image"].shape and s["audio"].shape == ours["audio"].shape
+        report[mode] = (float((s["image"] - ours["image"]).abs().max()), float((s["audio"] - ours["audio"]).abs().max()))
+    print("streamed vs whole-clip decode (max abs: video [0,1] pixels, audio samples):", report)
+    assert report["exact"][0] < 1e-4 and report["exact"][1] < 1e-4
+
+
+# -- bad inputs ----------------------------------------------------------------------------------------
+
+def t2av(seconds=2, **kw):
+    return tinyfy(load_api_workflow("omniforcing_t2av_5s"), seconds=seconds, **kw)
+
+
+def rejected(host, g) -> str:
+    code, r = host.queue(g)
+    assert code == 400, f"expected a validation error, got {code}: {r}"
+    return json.dumps(r["node_errors"])
+
+
+def test_missing_file_is_a_node_error(host):
+    g = t2av()
+    (loader,) = nodes_of(g, "OmniForcingModelLoader")
+    g[loader]["inputs"]["generator"] = "omniforcing/not_there.safetensors"
+    assert "not_there" in rejected(host, g)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("width", 100, "nearest valid width is 96"),
+    ("height", 50, "nearest valid height is 64"),
+    ("steps", "1000,abc", "comma-separated"),
+    ("steps", "500,900,0", "strictly decreasing"),
+])
+def test_impossible_settings_are_node_errors(host, field, value, needle):
+    g = t2av()
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    g[sampler]["inputs"][field] = value
+    assert needle in rejected(host, g)
+
+
+def test_bad_schedule_text_is_a_node_error(host):
+    g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=2)
+    (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
+    g[sched]["inputs"]["text"] = "3s: starts late"
+    assert "one must start at 0s" in rejected(host, g)
+
+
+def failed(host, g) -> str:
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "error"
+    return error_text(entry)
+
+
+def test_wrong_model_type_names_the_fix(host):
+    g = t2av()
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    (ckpt,) = nodes_of(g, "CheckpointLoaderSimple")
+    g[sampler]["inputs"]["model"] = [ckpt, 0]  # the native LTX-2 MODEL, not converted
+    assert "OmniForcing From Native MODEL" in failed(host, g)
+
+
+def test_wrong_vae_and_unused_prompt_are_clear(host):
+    g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=2)
+    (stream,) = nodes_of(g, "OmniForcingStream")
+    (avae,) = nodes_of(g, "LTXVAudioVAELoader")
+    g[stream]["inputs"]["vae"] = [avae, 0]
+    assert "must be the LTX-2 video VAE" in failed(host, g)
+    g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=2)
+    (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
+    g[sched]["inputs"]["text"] = "0s: one | 5s: two"
+    assert "clip ends at 2s" in failed(host, g)
+
+
+def test_not_a_transformer_file_is_a_clear_error(host):
+    g = t2av()
+    (loader,) = nodes_of(g, "OmniForcingModelLoader")
+    g[loader]["inputs"]["generator"] = "omniforcing/not_a_transformer.safetensors"
+    assert "no transformer weights found" in failed(host, g)
+
+
+# -- cancel --------------------------------------------------------------------------------------------
+
+def test_interrupt_during_a_stream_keeps_a_playable_file_and_the_server_serves(host):
+    from omniforcing_core.live import read_playlist
+
+    g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=30, window=2, decode="fast")
+    (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
+    g[sched]["inputs"]["text"] = "0s: waves on a beach"
+    (stream,) = nodes_of(g, "OmniForcingStream")
+    g[stream]["inputs"]["filename_prefix"] = "omniforcing/cancelled"
+    code, r = host.queue(g)
+    assert code == 200, r
+    hls = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait until a few segments are on disk
+        found = sorted((host.output / "omniforcing").glob("cancelled_*__hls/index.m3u8"))
+        if found and len(read_playlist(found[-1]).segments) >= 3:
+            hls = found[-1]
+            break
+        time.sleep(0.2)
+    assert hls is not None, f"no segments appeared\n{host.log_tail()}"
+    host.post("/interrupt", {})
+    entry = host.wait(r["prompt_id"], timeout=120)
+    assert entry["status"]["status_str"] == "error" and status_messages(entry, "execution_interrupted")
+    mp4 = hls.parent.parent / hls.parent.name.replace("_hls", ".mp4")
+    info = probe(mp4)
+    pl = read_playlist(hls)
+    assert pl.ended, "the playlist must be closed after a cancel"
+    assert 3 * 24 <= info.video.frames < 1 + 24 * 30 and info.audio is not None
+    assert probe(hls).video.frames == info.video.frames
+    # the server keeps serving
+    entry = host.run(t2av(seconds=1))
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+
+
+# -- the batch script ------------------------------------------------------------------------------------
+
+def test_queue_batch_script_runs_prompts_and_reports_rejections(host, tmp_path):
+    import subprocess
+    import sys
+
+    from host import REPO
+
+    wf = tmp_path / "t2av.json"
+    wf.write_text(json.dumps(t2av(seconds=1)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog barks\n# skipped\nrain starts\n")
+    script = REPO / "scripts" / "queue_batch.py"
+    r = subprocess.run([sys.executable, str(script), "--workflow", str(wf), "--prompts", str(prompts),
+                        "--server", host.url, "--out", str(tmp_path / "out"), "--seed", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(got) == 2 and all(n.endswith(".mp4") for n in got), got
+    assert probe(tmp_path / "out" / got[0]).video.frames == 25
+    bad = t2av(seconds=1)
+    (sampler,) = nodes_of(bad, "OmniForcingSampler")
+    bad[sampler]["inputs"]["width"] = 100
+    wf.write_text(json.dumps(bad))
+    r = subprocess.run([sys.executable, str(script), "--workflow", str(wf), "--prompts", str(prompts),
+                        "--server", host.url], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "rejected by the server" in r.stderr and "nearest valid width is 96" in r.stderr
+
+
+# -- more sampler options ----------------------------------------------------------------------------------
+
+def test_prompt_chain_negative_cfg_prefix_layout_fp8_and_forced_rope(host):
+    g = {k: v for k, v in t2av().items() if v["class_type"] in ("OmniForcingTestCLIP", "CLIPTextEncode",
+                                                                   "OmniForcingModelLoader", "OmniForcingSampler")}
+    (te,) = nodes_of(g, "OmniForcingTestCLIP")
+    (pos,) = nodes_of(g, "CLIPTextEncode")
+    (loader,) = nodes_of(g, "OmniForcingModelLoader")
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    g["50"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "rain starts", "clip": [te, 0]}}
+    g["51"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, silent", "clip": [te, 0]}}
+    g["52"] = {"class_type": "OmniForcingPromptAt", "inputs": {"conditioning": [pos, 0], "start_seconds": 0.0,
+                                                               "recache": False}}
+    g["53"] = {"class_type": "OmniForcingPromptAt", "inputs": {"conditioning": ["50", 0], "start_seconds": 1.0,
+                                                               "recache": True, "schedule": ["52", 0]}}
+    g[sampler]["inputs"].update(positive=["53", 0], negative=["51", 0], video_cfg=2.0, audio_cfg=3.0, layout="prefix")
+    g["54"] = {"class_type": "OmniForcingModelLoader", "inputs": {**g[loader]["inputs"],
+                                                                  "weight_dtype": "fp8_e4m3fn", "rope": "split"}}
+    g["55"] = {"class_type": "OmniForcingSampler", "inputs": {**g[sampler]["inputs"], "model": ["54", 0],
+                                                              "negative": None, "layout": "model"}}
+    del g["55"]["inputs"]["negative"]
+    g["56"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "chain_cfg", "latent": [sampler, 0]}}
+    g["57"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "fp8_split", "latent": ["55", 0]}}
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    for name in ("chain_cfg", "fp8_split"):
+        t = tensors(host, name)
+        assert t["video_latent"].shape == (1, 128, 7, 2, 2) and t["audio_latent"].shape == (1, 8, 51, 16)
+        assert t["video_latent"].isfinite().all() and t["audio_latent"].isfinite().all()
+
+
+def test_interrupting_the_offline_sampler_writes_nothing(host):
+    g = t2av(seconds=300, window=2)
+    (save,) = nodes_of(g, "SaveVideo")
+    g[save]["inputs"]["filename_prefix"] = "omniforcing/never_written"
+    code, r = host.queue(g)
+    assert code == 200, r
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until our sampler is running
+        q = host.get("/queue")
+        if any(item[1] == r["prompt_id"] for item in q.get("queue_running", [])):
+            break
+        time.sleep(0.2)
+    time.sleep(4)
+    host.post("/interrupt", {})
+    entry = host.wait(r["prompt_id"], timeout=120)
+    assert entry["status"]["status_str"] == "error" and status_messages(entry, "execution_interrupted")
+    assert not list((host.output / "omniforcing").glob("never_written*"))
+    entry = host.run(t2av(seconds=1))
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+
+
+def test_output_prefix_cannot_escape_the_output_folder(host):
+    g = tinyfy(load_api_workflow("omniforcing_i2av"), seconds=1)
+    (mux,) = nodes_of(g, "OmniForcingMux")
+    g[mux]["inputs"]["filename_prefix"] = "../../escaped/video"
+    assert "outside the output folder" in failed(host, g)
+    assert not (host.output.parent.parent / "escaped").exists()

@@ -1,0 +1,89 @@
+"""Issue #6: the embedded default (`load_default`) - trained toy student when shipped, random fallback."""
+import json
+
+import pytest
+import torch
+
+from omniforcing_core import embedded
+from omniforcing_core.layout import make_clip
+from omniforcing_core.sampling import StreamSpec, generate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check(d):
+    clip = make_clip(d.layout, d.size, d.size, num_blocks=2)
+    v, a = generate(d.model, StreamSpec.from_clip(clip, seed=0), d.text("a red ball bounces twice"))
+    frames = d.decode_video(v)
+    wav = d.decode_audio(a)
+    assert frames.shape == (1, 3, clip.num_frames, d.size, d.size)
+    assert 0 <= float(frames.min()) and float(frames.max()) <= 1
+    assert wav.shape == (1, 2, (4 * a.shape[2] - 3) * 240)
+    return v, a
+
+
+def test_random_fallback_without_assets(tmp_path):
+    d = embedded.load_default(assets=tmp_path)
+    assert not d.trained and d.codecs is None and d.text_encoder is None
+    assert d.model.config.num_layers == embedded.get_config("tiny").num_layers
+    _check(d)
+    # the existing API is unchanged
+    m = embedded.random_model("tiny")
+    assert embedded.toy_text(m, "x").batch == 1
+
+
+def _fake_run(tmp_path):
+    """A run dir shaped like a Stage II/III result (random weights), and codecs, for the export path."""
+    from safetensors.torch import save_file
+    from omniforcing_core.model import OmniForcingTransformer
+    from omniforcing_core.toy.codecs import Codecs
+    from omniforcing_core.toy.configs import toy_config
+    from omniforcing_core.toy.textenc import TextEncoder
+    cfg = toy_config("causal")
+    torch.manual_seed(0)
+    m, te = OmniForcingTransformer(cfg.model_config()), TextEncoder(cfg.model_config().caption_channels)
+    run = tmp_path / "run"
+    run.mkdir()
+    t = {f"model.{k}": v.contiguous() for k, v in m.state_dict().items()}
+    t.update({f"text.{k}": v.contiguous() for k, v in te.state_dict().items()})
+    save_file(t, str(run / "ckpt.safetensors"))
+    (run / "state.json").write_text(json.dumps({"config": cfg.to_dict(), "step": 0}))
+    c = Codecs()
+    save_file({k: v.contiguous() for k, v in c.state_dict().items()}, str(tmp_path / "codecs.safetensors"))
+    return run, m, te, c
+
+
+def test_export_then_load_default_round_trip(tmp_path):
+    from omniforcing_core.loader import load_model
+    from omniforcing_core.toy.report import export_assets
+    run, m, te, c = _fake_run(tmp_path)
+    sizes = export_assets(run, tmp_path / "codecs.safetensors", tmp_path / "assets")
+    assert sum(sizes.values()) < 8 * 2 ** 20
+    d = embedded.load_default(assets=tmp_path / "assets")
+    assert d.trained and d.layout.kind == "v2" and d.size == 128
+    for k, v in m.state_dict().items():
+        assert torch.equal(d.model.state_dict()[k], v)
+    z = torch.randn(1, 128, 4, 2, 2)
+    for k, v in c.state_dict().items():
+        if ".dec." in f".{k}" or "latent_" in k:
+            assert torch.equal(d.codecs.state_dict()[k], v)  # decoders shipped bit-exactly
+    assert torch.allclose(d.codecs.video.decode(z), c.video.decode(z), atol=1e-6)
+    _check(d)
+    # the same file loads through the core loader (what the ComfyUI loader node uses)
+    lm, rep = load_model(tmp_path / "assets" / "toy_student.safetensors")
+    assert rep.config.num_layers == m.config.num_layers
+    for k, v in m.state_dict().items():
+        assert torch.equal(lm.state_dict()[k], v)
+
+
+@pytest.mark.skipif(not (embedded.ASSETS / "toy_student.safetensors").exists(), reason="no shipped assets yet")
+def test_shipped_default_is_the_trained_student():
+    d = embedded.load_default()
+    assert d.trained
+    _check(d)
