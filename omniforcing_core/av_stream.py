@@ -83,6 +83,10 @@ class AVStreamer:
             self._write(frames, wav)
         elif wav is not None:
             self._pending_audio.append(wav)  # audio ahead of the video: ride with the next frames
+        if video is None and self.writer is not None and self._pending_audio:
+            # the end: no frames are left to carry the audio tail, so it goes in on its own
+            self.writer.write_audio(torch.cat(self._pending_audio, -1).cpu().numpy())
+            self._pending_audio = []
         t2 = _time.perf_counter()
         s = self.stats
         s.blocks += video is not None

@@ -200,6 +200,14 @@ class LiveWriter:
         return BlockWritten(self._blocks - 1, self._frames, self._frames / self.fps, self.audio_seconds_muxed,
                             segment, len(fragment))
 
+    def write_audio(self, audio: Any) -> None:
+        """Audio that comes after the last video frame (a decoder's held-back tail): it is encoded
+        now and muxed into the last fragment by `close()`."""
+        if self._closed:
+            raise MediaError("LiveWriter is closed")
+        if self._aac:
+            self._aac.write(self._audio_block(audio, 0))
+
     def close(self) -> LiveSummary:
         """Flush the audio encoder's tail into a last fragment, end the playlist."""
         if self._closed:

@@ -66,3 +66,29 @@ def test_demo_writes_mp4_and_hls_with_audio_in_sync(tmp_path):
         assert info.video.codec == "h264" and info.audio.codec == "aac" and info.audio.sample_rate == 24000
         assert info.video.frames == 73 and (info.video.width, info.video.height) == (96, 64)
         assert abs(info.av_drift) < 1 / 24  # audio and video end within one frame
+
+
+def test_audio_held_back_past_the_last_frame_still_reaches_the_file(tmp_path):
+    # a video decoder with no temporal reach emits every frame at once; an audio decoder that looks
+    # ahead holds its tail back until finish(), when no frames are left to carry it
+    from omniforcing_core.av_stream import AVStreamer
+    from omniforcing_core.decode import TemporalContext
+
+    model = random_model("tiny")
+    clip = make_clip(make_layout("v2"), 64, 64, seconds=3)
+    pa = PreviewAudioDecoder()
+    pv = PreviewVideoDecoder()
+
+    def video(z):  # per-latent: frames of latent l depend on latent l only
+        return pv(z).permute(0, 2, 3, 4, 1)
+
+    writer = LiveWriter(tmp_path, 24, 24000, 64, 64)
+    st = AVStreamer(video, pa, video_context=TemporalContext(pv.left_context, pv.right_context),
+                    audio_context=TemporalContext(pa.left_context, pa.right_context + 3), writer=writer)
+    for res in Sampler(model, StreamSpec.from_clip(clip), toy_text(model, "x")):
+        st.push(res)
+    st.finish()
+    info = probe_media(tmp_path / "omniforcing.mp4")
+    assert info.video.frames == 73
+    assert abs(info.audio.duration - (4 * 76 - 3) / 100) < 0.03  # the whole decoded audio, AAC-framed
+    assert abs(info.av_drift) < 1 / 24
