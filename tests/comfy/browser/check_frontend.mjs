@@ -118,12 +118,18 @@ async function livePlayer(label, bypassCSP) {
     if (["done", "cancelled", "error"].includes(s.status)) break;
     await p.waitForTimeout(250);
   }
-  await p.waitForTimeout(1500);
-  const after = await p.evaluate((id) => {
-    const node = window.app.graph.getNodeById(Number(id)) ?? window.app.graph.getNodeById(id);
-    const v = node.omniforcingPlayer.video;
-    return { t: v.currentTime, duration: v.duration, mode: node.omniforcingPlayer.mode, error: v.error ? v.error.code : null };
-  }, queued.id);
+  // the finished file (or the ended MediaSource) may still be loading: wait until its length is known
+  let after = null;
+  for (const stop = Date.now() + 20000; Date.now() < stop;) {
+    await p.waitForTimeout(500);
+    after = await p.evaluate((id) => {
+      const node = window.app.graph.getNodeById(Number(id)) ?? window.app.graph.getNodeById(id);
+      const v = node.omniforcingPlayer.video;
+      return { t: v.currentTime, duration: Number.isFinite(v.duration) ? v.duration : null,
+               mode: node.omniforcingPlayer.mode, error: v.error ? v.error.code : null };
+    }, queued.id);
+    if (after.error !== null || (after.duration !== null && after.duration > 7.5)) break;
+  }
   await ctx.close();
   const during = samples.filter((s) => s.status === "block");
   let advanced = false;
