@@ -12,9 +12,11 @@ from .loader import OmniForcingFromNativeModel, OmniForcingModelLoader, register
 from .mux import OmniForcingMux
 from .sampler import OmniForcingSampler
 from .stream import OmniForcingStream
+from .toy import OmniForcingToyDecode, OmniForcingToyModel, OmniForcingToyTextEncode
 
 NODES = [OmniForcingModelLoader, OmniForcingFromNativeModel, OmniForcingPromptAt, OmniForcingPromptSchedule,
-         OmniForcingSampler, OmniForcingStream, OmniForcingMux]
+         OmniForcingSampler, OmniForcingStream, OmniForcingMux, OmniForcingToyModel, OmniForcingToyTextEncode,
+         OmniForcingToyDecode]
 
 
 class OmniForcingExtension(ComfyExtension):

@@ -132,6 +132,35 @@ def _convention_inputs():
     ]
 
 
+def load_managed(gen_path: Path, base_path, weight_dtype: str = "default", layout: str = "auto",
+                 conventions: dict | None = None, label: str = "OmniForcing"):
+    """Load a generator (over an optional base) with comfy.ops layers into a CoreModelPatcher that
+    carries our handle: (patcher, info line)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    load_device, offload = mm.get_torch_device(), mm.unet_offload_device()
+    wdt = DTYPES.get(weight_dtype) or _stored_dtype(gen_path)
+    # compute dtype the way ComfyUI picks it for LTX-2 (bf16 or fp32 depending on the device)
+    cast = mm.unet_manual_cast(wdt, load_device, [torch.bfloat16, torch.float32])
+    cdt = cast or (torch.bfloat16 if wdt in FP8 else wdt)
+    src, overlay = (base_path, gen_path) if base_path is not None else (gen_path, None)
+    transformer, report = load_model(src, overlay, weight_dtype=weight_dtype, compute_dtype=_dtype_name(cdt),
+                                     device=offload, operations=eager_operations(), conventions=conventions or {})
+    kind = _layout_kind(layout, report.config.num_audio_sinks)
+    host = HostModule(transformer, manual_cast_dtype=cdt, device=offload)
+    patcher = comfy.model_patcher.CoreModelPatcher(host, load_device=load_device, offload_device=offload)
+    conv = report.conventions
+    info = (f"{label} {report.config.num_layers} layers, {report.num_params / 1e9:.3f} B params, "
+            f"weights {report.weight_dtype}, compute {_dtype_name(cdt)}, layout {kind}, "
+            f"rope {conv.rope_kind}/{conv.rope_precision} ({conv.source.get('rope_kind')}), "
+            f"av gate x{conv.av_ca_timestep_scale_multiplier:g}, "
+            f"text connectors {'yes' if report.config.connectors else 'no (use 7680-wide LTX-2.0 conditioning)'}")
+    patcher.set_attachments(ATTACHMENT, ModelHandle(transformer, kind, info))
+    log.info(info)
+    return patcher, info
+
+
 class OmniForcingModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -165,33 +194,12 @@ class OmniForcingModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, generator, base, weight_dtype, layout, rope, rope_precision="auto",
                 av_gate_multiplier="auto") -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-
         gen_path = resolve_source(generator)
         base_path = None if base == NONE else resolve_source(base)
         if base_path is not None and base_path == gen_path:
             base_path = None
-        load_device, offload = mm.get_torch_device(), mm.unet_offload_device()
-        wdt = DTYPES.get(weight_dtype) or _stored_dtype(gen_path)
-        # compute dtype the way ComfyUI picks it for LTX-2 (bf16 or fp32 depending on the device)
-        cast = mm.unet_manual_cast(wdt, load_device, [torch.bfloat16, torch.float32])
-        cdt = cast or (torch.bfloat16 if wdt in FP8 else wdt)
-        src, overlay = (base_path, gen_path) if base_path is not None else (gen_path, None)
-        transformer, report = load_model(src, overlay, weight_dtype=weight_dtype, compute_dtype=_dtype_name(cdt),
-                                         device=offload, operations=eager_operations(),
-                                         conventions=_conventions(rope, rope_precision, av_gate_multiplier))
-        kind = _layout_kind(layout, report.config.num_audio_sinks)
-        host = HostModule(transformer, manual_cast_dtype=cdt, device=offload)
-        patcher = comfy.model_patcher.CoreModelPatcher(host, load_device=load_device, offload_device=offload)
-        conv = report.conventions
-        info = (f"OmniForcing {report.config.num_layers} layers, {report.num_params / 1e9:.3f} B params, "
-                f"weights {report.weight_dtype}, compute {_dtype_name(cdt)}, layout {kind}, "
-                f"rope {conv.rope_kind}/{conv.rope_precision} ({conv.source.get('rope_kind')}), "
-                f"av gate x{conv.av_ca_timestep_scale_multiplier:g}, "
-                f"text connectors {'yes' if report.config.connectors else 'no (use 7680-wide LTX-2.0 conditioning)'}")
-        patcher.set_attachments(ATTACHMENT, ModelHandle(transformer, kind, info))
-        log.info(info)
+        patcher, info = load_managed(gen_path, base_path, weight_dtype, layout,
+                                     _conventions(rope, rope_precision, av_gate_multiplier))
         return io.NodeOutput(patcher, info)
 
 

@@ -74,41 +74,70 @@ class DefaultModel:
         if self.codecs is None:
             from .preview import PreviewAudioDecoder
             return PreviewAudioDecoder()(latents)
-        w = self.codecs.decode_audio(latents, sample_rate)
-        n = (4 * latents.shape[2] - 3) * sample_rate // 100
-        w = torch.nn.functional.pad(w, (0, max(0, n - w.shape[-1])))[..., :n]
-        return w[:, None].expand(-1, 2, -1).contiguous()
+        return decode_toy_audio(self.codecs, latents, sample_rate)
+
+
+def decode_toy_audio(codecs, latents: torch.Tensor, sample_rate: int = 24000) -> torch.Tensor:
+    """Toy codecs: audio latents [B, 8, T, 16] -> stereo [B, 2, (4T - 3) * sample_rate / 100], the
+    length LTX-2's audio VAE + vocoder give (so every streaming/muxing rule applies unchanged)."""
+    w = codecs.decode_audio(latents, sample_rate)
+    n = (4 * latents.shape[2] - 3) * sample_rate // 100
+    w = torch.nn.functional.pad(w, (0, max(0, n - w.shape[-1])))[..., :n]
+    return w[:, None].expand(-1, 2, -1).contiguous()
+
+
+def asset_files(assets=None) -> dict:
+    """The shipped asset files by role: student (transformer), text (caption encoder), codecs."""
+    root = ASSETS if assets is None else __import__("pathlib").Path(assets)
+    return {n: root / f"toy_{n}.safetensors" for n in ("student", "text", "codecs")}
+
+
+def has_trained_assets(assets=None) -> bool:
+    return all(f.exists() for f in asset_files(assets).values())
+
+
+def student_meta(assets=None) -> dict:
+    """The toy metadata in the student's header: model config, layout, sinks, training size."""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(asset_files(assets)["student"]), "pt") as f:
+        return json.loads(f.metadata()["omniforcing_toy"])
+
+
+def load_text_and_codecs(assets=None, caption_channels: int | None = None):
+    """The trained caption encoder and codecs (eval, no grad) from the shipped assets."""
+    from safetensors.torch import load_file
+
+    from .toy.codecs import Codecs
+    from .toy.textenc import TextEncoder
+    files = asset_files(assets)
+    if caption_channels is None:
+        caption_channels = student_meta(assets)["model_config"]["caption_channels"]
+    te = TextEncoder(caption_channels)
+    te.load_state_dict(load_file(str(files["text"])), strict=True)
+    codecs = Codecs()
+    missing, unexpected = codecs.load_state_dict(load_file(str(files["codecs"])), strict=False)
+    if unexpected or any(".dec." in f".{k}" or "latent_" in k for k in missing):
+        raise ValueError(f"{files['codecs']}: codec decoders do not match (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return te.eval().requires_grad_(False), codecs.eval().requires_grad_(False)
 
 
 def load_default(assets=None, dtype=torch.float32, device="cpu") -> DefaultModel:
     """The embedded default: the trained toy student + caption encoder + codec decoders shipped in
     `omniforcing_core/assets/` (issue #6), or the deterministic random tiny model when they are absent."""
-    import json
-
     from .layout import make_layout
-    root = ASSETS if assets is None else __import__("pathlib").Path(assets)
-    files = [root / f"toy_{n}.safetensors" for n in ("student", "text", "codecs")]
-    if not all(f.exists() for f in files):
+    if not has_trained_assets(assets):
         return DefaultModel(random_model("tiny", dtype=dtype, device=device), None, None, make_layout("v2"), 128,
                             False)
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .config import ModelConfig
-    from .toy.codecs import Codecs
-    from .toy.textenc import TextEncoder
-    with safe_open(str(files[0]), "pt") as f:
-        meta = json.loads(f.metadata()["omniforcing_toy"])
+    meta = student_meta(assets)
     cfg = ModelConfig.from_dict(meta["model_config"])
     model = OmniForcingTransformer(cfg, dtype=dtype, device=device)
-    model.load_state_dict(load_file(str(files[0]), device=str(device)), strict=True)
+    model.load_state_dict(load_file(str(asset_files(assets)["student"]), device=str(device)), strict=True)
     model.eval().requires_grad_(False)
-    te = TextEncoder(cfg.caption_channels)
-    te.load_state_dict(load_file(str(files[1])), strict=True)
-    codecs = Codecs()
-    missing, unexpected = codecs.load_state_dict(load_file(str(files[2])), strict=False)
-    if unexpected or any(".dec." in f".{k}" or "latent_" in k for k in missing):
-        raise ValueError(f"{files[2]}: codec decoders do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    te, codecs = load_text_and_codecs(assets, cfg.caption_channels)
     layout = make_layout(meta["layout"], num_sinks=meta.get("num_sinks", 0))
-    return DefaultModel(model, te.eval().requires_grad_(False), codecs.eval().requires_grad_(False), layout,
-                        int(meta.get("size", 128)), True)
+    return DefaultModel(model, te, codecs, layout, int(meta.get("size", 128)), True)

@@ -47,7 +47,8 @@ def frontend(host):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av"])
+@pytest.mark.parametrize("name", ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av",
+                                  "omniforcing_toy_demo"])
 def test_workflow_loads_in_the_frontend_and_matches_its_api_copy(frontend, name):
     r = frontend["workflows"][name]
     assert r["missing"] == [], f"missing node types: {r['missing']}"

@@ -15,8 +15,9 @@ from host import error_text, load_api_workflow, nodes_of, status_messages, tinyf
 pytestmark = needs_comfyui
 
 NODE_IDS = ["OmniForcingModelLoader", "OmniForcingFromNativeModel", "OmniForcingPromptAt",
-            "OmniForcingPromptSchedule", "OmniForcingSampler", "OmniForcingStream", "OmniForcingMux"]
-WORKFLOW_NAMES = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av"]
+            "OmniForcingPromptSchedule", "OmniForcingSampler", "OmniForcingStream", "OmniForcingMux",
+            "OmniForcingToyModel", "OmniForcingToyTextEncode", "OmniForcingToyDecode"]
+WORKFLOW_NAMES = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo"]
 FPS = 24
 
 
@@ -54,7 +55,7 @@ def test_web_extension_and_templates_are_served(host):
     for name in WORKFLOW_NAMES:
         ui = host.get(f"/api/workflow_templates/omniforcing/{name}.json")
         ui = json.loads(ui) if isinstance(ui, bytes) else ui
-        assert {n["type"] for n in ui["nodes"]} >= {"OmniForcingModelLoader"}
+        assert {n["type"] for n in ui["nodes"]} & {"OmniForcingModelLoader", "OmniForcingToyModel"}
 
 
 def test_loader_lists_files_indexes_and_shard_folders(host):
@@ -88,6 +89,51 @@ def test_image_to_audio_video_workflow_with_unprocessed_text(host):
     (mp4,) = host.output_files(entry, mux)
     info = probe(mp4)
     assert info.num_streams == 2 and info.video.frames == 49 and info.audio.sample_rate == 24000
+
+
+def test_toy_workflow_runs_the_embedded_student_like_the_core(host):
+    """The no-download example: the shipped toy student through ComfyUI's model management gives the
+    same latents as the core library's own run, and a playable 5 s clip."""
+    import torch
+
+    from omniforcing_core.embedded import load_default
+    from omniforcing_core.layout import make_clip
+    from omniforcing_core.sampling import StreamSpec, generate
+
+    g = load_api_workflow("omniforcing_toy_demo")
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    (dec,) = nodes_of(g, "OmniForcingToyDecode")
+    (enc,) = nodes_of(g, "OmniForcingToyTextEncode")
+    g["90"] = {"class_type": "OmniForcingTestSaveTensors",
+               "inputs": {"name": "toy", "latent": [sampler, 0], "image": [dec, 0], "audio": [dec, 1]}}
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    (save,) = nodes_of(g, "SaveVideo")
+    (mp4,) = host.output_files(entry, save)
+    info = probe(mp4)
+    assert info.num_streams == 2 and info.video.frames == 121 and (info.video.width, info.video.height) == (128, 128)
+    assert info.audio.duration == pytest.approx(5.01, abs=0.03) and abs(info.av_drift) < 1 / FPS
+
+    d = load_default()
+    s = g[sampler]["inputs"]
+    clip = make_clip(d.layout, s["height"], s["width"], seconds=s["seconds"])
+    with torch.no_grad():
+        v, a = generate(d.model, StreamSpec.from_clip(clip, seed=s["seed"]), d.text(g[enc]["inputs"]["text"]))
+    t = tensors(host, "toy")
+    assert t["video_latent"].shape == v.shape and t["audio_latent"].shape == a.shape
+    assert (t["video_latent"] - v).abs().max() < 1e-4 and (t["audio_latent"] - a).abs().max() < 1e-4
+    want = d.decode_video(v)[0].permute(1, 2, 3, 0)
+    assert t["image"].shape == want.shape and (t["image"] - want).abs().max() < 1e-3
+    assert t["audio"].shape == (1, 2, (4 * a.shape[2] - 3) * 240)
+
+
+def test_toy_text_encode_refuses_an_empty_caption(host):
+    g = load_api_workflow("omniforcing_toy_demo")
+    (enc,) = nodes_of(g, "OmniForcingToyTextEncode")
+    g[enc]["inputs"]["text"] = "   "
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "error"
+    assert "caption is empty" in error_text(entry)
 
 
 class StreamEvents:

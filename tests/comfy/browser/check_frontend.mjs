@@ -10,7 +10,7 @@ import { pathToFileURL } from "node:url";
 
 const [url, repo, artifacts, pwDir] = process.argv.slice(2);
 const { chromium } = await import(pathToFileURL(`${pwDir}/index.mjs`).href);
-const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av"];
+const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo"];
 mkdirSync(artifacts, { recursive: true });
 
 const browser = await chromium.launch({

@@ -73,4 +73,19 @@ export const WORKFLOWS = {
     links: [[3, 0, 10, "clip"], [4, 0, 11, "model"], [10, 0, 11, "positive"], [9, 0, 11, "start_image"], [1, 2, 11, "vae"],
             ...decodeLinks(11), [21, 0, 23, "images"], [22, 0, 23, "audio"]],
   },
+  omniforcing_toy_demo: {
+    nodes: [
+      { id: 1, type: "OmniForcingToyModel", pos: [40, 60] },
+      { id: 2, type: "OmniForcingToyTextEncode", pos: [40, 260], size: [400, 160], title: "Prompt",
+        widgets: { text: "a red ball bounces twice, a blue square slides" } },
+      { id: 3, type: "OmniForcingSampler", pos: [480, 60],
+        widgets: { width: 128, height: 128, seconds: 5, seed: 0, control_after_generate: "fixed", steps: STEPS, window: 0, layout: "model" } },
+      { id: 4, type: "OmniForcingToyDecode", pos: [940, 60] },
+      { id: 5, type: "CreateVideo", pos: [1200, 60], widgets: { fps: 24 } },
+      { id: 6, type: "SaveVideo", pos: [1460, 60], size: [360, 420], widgets: { filename_prefix: "omniforcing/toy", format: "mp4" } },
+      note(30, [40, 480], "### OmniForcing: the embedded toy model (no downloads)\nThe tiny student shipped with the pack, trained by its own recipe on a synthetic world: coloured balls and squares that bounce and slide, each bounce a tone whose pitch is the object's colour (red 350 Hz, green 600 Hz, blue 1400 Hz, yellow 2400 Hz). 5 s at 128x128 in seconds on a CPU: a quick check that the pack works."),
+    ],
+    links: [[1, 0, 3, "model"], [1, 1, 2, "toy"], [2, 0, 3, "positive"], [3, 0, 4, "latent"], [1, 1, 4, "toy"],
+            [4, 0, 5, "images"], [4, 1, 5, "audio"], [5, 0, 6, "video"]],
+  },
 };
