@@ -35,6 +35,15 @@ def _words() -> str:
     return ", ".join(w for w in vocabulary() if w != ",")
 
 
+def _check_kit(toy) -> None:
+    if not isinstance(toy, ToyKitValue):
+        raise ValueError("'toy' must come from 'OmniForcing Toy Model (embedded)'")
+
+
+def _kit_input():
+    return ToyKit.Input("toy", tooltip="The 'toy' output of 'OmniForcing Toy Model (embedded)'.")
+
+
 def _require_assets():
     if not embedded.has_trained_assets():
         missing = [str(p) for p in embedded.asset_files().values() if not p.exists()]
@@ -81,7 +90,7 @@ class OmniForcingToyTextEncode(io.ComfyNode):
             description="Encodes a caption with the toy model's own text encoder into a CONDITIONING for the "
                         "OmniForcing samplers (and prompt-schedule nodes).",
             inputs=[
-                ToyKit.Input("toy", tooltip="The 'toy' output of 'OmniForcing Toy Model (embedded)'."),
+                _kit_input(),
                 io.String.Input("text", multiline=True, default="a red ball bounces twice, a blue square slides",
                                 tooltip="A caption in the toy world's words: " + _words() + ". Other words are "
                                         "unknown to the toy encoder and ignored."),
@@ -91,8 +100,7 @@ class OmniForcingToyTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, toy, text) -> io.NodeOutput:
-        if not isinstance(toy, ToyKitValue):
-            raise ValueError("'toy' must come from 'OmniForcing Toy Model (embedded)'")
+        _check_kit(toy)
         if not text.strip():
             raise ValueError("the caption is empty; describe the shapes, e.g. 'a red ball bounces twice'")
         with torch.inference_mode():
@@ -111,7 +119,7 @@ class OmniForcingToyDecode(io.ComfyNode):
             description="Decodes an OmniForcing audio+video LATENT made by the toy model with the toy codecs: "
                         "IMAGE frames (24 fps) and AUDIO (24 kHz) for Create Video / Save Video.",
             inputs=[
-                ToyKit.Input("toy", tooltip="The 'toy' output of 'OmniForcing Toy Model (embedded)'."),
+                _kit_input(),
                 io.Latent.Input("latent", tooltip="The LATENT of 'OmniForcing Sampler' run on the toy MODEL."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE"), io.Audio.Output(display_name="AUDIO")],
@@ -119,8 +127,7 @@ class OmniForcingToyDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, toy, latent) -> io.NodeOutput:
-        if not isinstance(toy, ToyKitValue):
-            raise ValueError("'toy' must come from 'OmniForcing Toy Model (embedded)'")
+        _check_kit(toy)
         samples = latent.get("samples") if isinstance(latent, dict) else None
         parts = getattr(samples, "tensors", None)
         if not parts or len(parts) != 2:

@@ -23,3 +23,13 @@ def text64(tiny64):
     g = torch.Generator().manual_seed(1)
     ctx = torch.randn(1, 7, tiny64.config.caption_channels, generator=g, dtype=torch.float64)
     return tiny64.text_kv(ctx, 0.5 * ctx)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on a shared 2-core runner extra threads spin and run several
+    times slower on these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,13 +12,7 @@ from omniforcing_core.layout import DEFAULT_TIME
 from omniforcing_core.sampling import Sampler, StreamSpec, generate
 from omniforcing_core.toy.stages import audio_block_index
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner extra threads spin and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

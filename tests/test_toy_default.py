@@ -9,12 +9,7 @@ from omniforcing_core.layout import make_clip
 from omniforcing_core.sampling import StreamSpec, generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check(d):

@@ -11,13 +11,7 @@ from omniforcing_core.toy.stages import CausalStage, TeacherStage, build_dataset
 from omniforcing_core.toy.train import Runner, load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner extra threads spin and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(size=64, log_every=1000, save_every=1000)
 

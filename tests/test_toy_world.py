@@ -7,13 +7,7 @@ from omniforcing_core.toy.codecs import AudioCodec, Codecs, MelFrontEnd, VideoCo
 from omniforcing_core.toy.report import analyse, sound_onsets
 from omniforcing_core.toy.textenc import TextEncoder
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner extra threads spin and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -199,18 +199,8 @@ class Stage:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
 
-class TeacherStage(Stage):
-    name = "teacher"
-
-    def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
-        super().__init__(cfg, rank, world, device)
-        self.data = load_latents(cfg.data)
-        self.model = new_model(cfg, cfg.seed)
-        torch.manual_seed(cfg.seed + 1)
-        self.textenc = TextEncoder(cfg.model_config().caption_channels)
-        params = list(self.model.parameters()) + list(self.textenc.parameters())
-        self.opt = self._opt(params, cfg.lr, cfg.betas, cfg.weight_decay)
-        self.params = params
+class SupervisedStage(Stage):
+    """A stage with one loss, one optimiser over `self.params`, and the {model, text} modules."""
 
     def modules(self):
         return {"model": self.model, "text": self.textenc}
@@ -231,6 +221,19 @@ class TeacherStage(Stage):
     def eval_loss(self, n: int = 4) -> float:
         """Mean loss over `n` fixed held-out draws (same draws every call): for 'loss goes down' checks."""
         return sum(self._loss(step_generator(self.cfg, 10 ** 9 + k, salt="eval"))[0].item() for k in range(n)) / n
+
+
+class TeacherStage(SupervisedStage):
+    name = "teacher"
+
+    def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
+        super().__init__(cfg, rank, world, device)
+        self.data = load_latents(cfg.data)
+        self.model = new_model(cfg, cfg.seed)
+        torch.manual_seed(cfg.seed + 1)
+        self.textenc = TextEncoder(cfg.model_config().caption_channels)
+        self.params = list(self.model.parameters()) + list(self.textenc.parameters())
+        self.opt = self._opt(self.params, cfg.lr, cfg.betas, cfg.weight_decay)
 
     def _loss(self, g: torch.Generator):
         cfg = self.cfg
@@ -316,7 +319,7 @@ def audio_block_index(layout: BlockLayout, f_v: int, f_a: int, mapping: str) -> 
     raise ValueError(f"audio_sigma_mapping '{mapping}' unknown; use 'block' or 'proportional'")
 
 
-class CausalStage(Stage):
+class CausalStage(SupervisedStage):
     """Stage II: causal ODE regression under the block-causal masks."""
 
     name = "causal"
@@ -333,30 +336,12 @@ class CausalStage(Stage):
         self.textenc = TextEncoder(cfg.model_config().caption_channels)
         self.textenc.load_state_dict(st["text"])
         self.textenc.requires_grad_(False).eval()
-        self.opt = self._opt(self.model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+        self.params = list(self.model.parameters())
+        self.opt = self._opt(self.params, cfg.lr, cfg.betas, cfg.weight_decay)
         f_v, f_a = self.traj_v.shape[3], self.traj_a.shape[3]
         self.vblock = torch.tensor([self.layout.video_block_of(f) for f in range(f_v)])
         self.ablock = audio_block_index(self.layout, f_v, f_a, cfg.audio_sigma_mapping)
         self.nblocks = int(self.vblock.max()) + 1
-
-    def modules(self):
-        return {"model": self.model, "text": self.textenc}
-
-    def optimizers(self):
-        return {"opt": self.opt}
-
-    def step(self, i: int) -> dict:
-        loss, out = self._loss(step_generator(self.cfg, i, self.rank))
-        self._lr(self.opt, i, self.cfg.lr)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        out["grad_norm"] = self._clip(list(self.model.parameters()), self.cfg.grad_clip)
-        self.opt.step()
-        return out
-
-    @torch.no_grad()
-    def eval_loss(self, n: int = 4) -> float:
-        return sum(self._loss(step_generator(self.cfg, 10 ** 9 + k, salt="eval"))[0].item() for k in range(n)) / n
 
     def _loss(self, g: torch.Generator):
         cfg = self.cfg
