@@ -7,7 +7,7 @@ import torch
 
 from omniforcing_core.toy.codecs import Codecs
 from omniforcing_core.toy.configs import CONFIG_DIR, StageConfig, load_named, toy_config
-from omniforcing_core.toy.stages import CausalStage, TeacherStage, build_dataset, make_ode_pairs
+from omniforcing_core.toy.stages import BidirectionalDMDStage, CausalStage, TeacherStage, build_dataset, make_ode_pairs
 from omniforcing_core.toy.train import Runner, load_checkpoint
 
 
@@ -142,3 +142,25 @@ def test_report_table_runs_every_path(toy, tmp_path):
     assert rows[0]["event_recall"] == 1.0  # the detectors find the exact events of the world clip
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "time to first chunk" in table
+
+
+def test_stage_one_bidirectional_dmd_trains_and_initialises_stage_two(toy, tmp_path):
+    cfg = toy_config("bidmd", data=str(toy / "data"), init=str(toy / "teacher"), teacher=str(toy / "teacher"),
+                     steps=3, batch=2, gen_every=2, ema_start=1, lr=1e-3, **SMALL)
+    st1 = BidirectionalDMDStage(cfg)
+    g = torch.Generator().manual_seed(0)
+    c = st1.model.config.caption_channels
+    text = st1.model.text_kv(torch.randn(2, 4, c, generator=g), torch.randn(2, 4, c, generator=g))
+    xv, xa, e = st1.rollout(text, torch.Generator().manual_seed(1), 0, grad=True)
+    assert xv.shape == st1.clip.video_shape(2) and xa.shape == st1.clip.audio_shape(2)
+    assert xv.requires_grad and 0 <= e < st1.schedule.steps
+    r = Runner(cfg, tmp_path / "bidmd", log=_quiet)
+    r.run()
+    m = json.loads((tmp_path / "bidmd" / "state.json").read_text())["metrics"]
+    assert "dmd" in m[0] and all(torch.isfinite(torch.tensor(x["critic"])) for x in m)
+    teacher = TeacherStage(toy_config("teacher", data=str(toy / "data"), **SMALL))
+    load_checkpoint(toy / "teacher", teacher)
+    assert not _states_equal(teacher.model.state_dict(), r.stage.model.state_dict())  # it trained
+    ccfg = toy_config("causal", data=str(toy / "ode"), init=str(tmp_path / "bidmd"), steps=1, batch=2, **SMALL)
+    st = CausalStage(ccfg)  # Stage II starts from the Stage I generator
+    assert _states_equal(st.model.state_dict(), r.stage.model.state_dict())

@@ -4,6 +4,7 @@ The whole toy recipe, in order:
   codecs  -> train the tiny video/audio autoencoders on world clips
   data    -> render + encode a latent dataset (train and held-out)
   train --stage teacher -> bidirectional flow-matching teacher (+ caption encoder)
+  train --stage bidmd   -> (optional) Stage I bidirectional few-step DMD; may initialise Stage II
   train --stage ode     -> teacher ODE trajectories (Stage II data)
   train --stage causal  -> Stage II causal ODE regression
   train --stage dmd     -> Stage III Self-Forcing DMD with a critic
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
     d.add_argument("--size", type=int, default=128)
     d.set_defaults(fn=cmd_data)
     t = sub.add_parser("train")
-    t.add_argument("--stage", required=True, choices=["teacher", "ode", "causal", "dmd"])
+    t.add_argument("--stage", required=True, choices=["teacher", "bidmd", "ode", "causal", "dmd"],
+                   help="teacher; bidmd = optional Stage I (bidirectional few-step DMD); ode = Stage II data; "
+                        "causal = Stage II; dmd = Stage III")
     t.add_argument("--run", required=True, help="run dir (resumed when it holds a checkpoint)")
     t.add_argument("--config", help="stage config: a JSON file or a shipped name (toy_*, ltx2_19b_*)")
     t.add_argument("--data")

@@ -102,8 +102,9 @@ def toy_config(stage: str, **kw) -> StageConfig:
         "dmd": dict(lr=2e-5, critic_lr=2e-5, steps=400, batch=4, betas=(0.0, 0.999), weight_decay=0.01,
                     gen_every=5, ema_decay=0.99, ema_start=50),
     }
+    base["bidmd"] = dict(base["dmd"])  # Stage I: Stage III's optimisation, bidirectional rollout
     if stage not in base:
-        raise ValueError(f"unknown stage '{stage}'; use teacher, ode, causal or dmd")
+        raise ValueError(f"unknown stage '{stage}'; use teacher, bidmd, ode, causal or dmd")
     d = dict(base[stage])
     d.update(kw)
     return StageConfig(stage=stage, **d)

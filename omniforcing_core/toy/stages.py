@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BlockLayout, make_layout
+from ..layout import make_clip as layout_clip
 from ..model import OmniForcingTransformer
 from ..noise import _mix
 from ..sampling import Sampler, StreamSpec
@@ -472,7 +473,37 @@ class DMDStage(Stage):
         return out
 
 
-STAGES = {"teacher": TeacherStage, "causal": CausalStage, "dmd": DMDStage}
+class BidirectionalDMDStage(DMDStage):
+    """Stage I (optional, as in the paper; the released v2 recipe skips it): few-step bidirectional
+    DMD. The generator starts from the teacher and denoises the whole clip at once, with no masks,
+    on the same few-step schedule; DMD loss, critic and EMA are Stage III's. Its run can initialise
+    Stage II (`train --stage causal --init RUN/bidmd`)."""
 
-__all__ = ["TeacherStage", "CausalStage", "DMDStage", "STAGES", "build_dataset", "load_latents", "load_teacher",
+    name = "bidmd"
+
+    def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
+        super().__init__(cfg, rank, world, device)
+        self.clip = layout_clip(self.layout, cfg.size, cfg.size, seconds=cfg.seconds)
+
+    def rollout(self, text, g: torch.Generator, i: int, grad: bool):
+        """Whole-clip few-step sampling (x0 prediction, fresh noise between steps); exit step with grad."""
+        sched = self.schedule
+        exit_step = int(torch.randint(sched.steps, (), generator=g))
+        b = text.batch
+        xv, xa = randn(self.clip.video_shape(b), g), randn(self.clip.audio_shape(b), g)
+        for k, sig in enumerate(sched.sigmas[:exit_step + 1]):
+            s = torch.full((b,), float(sig))
+            with torch.set_grad_enabled(grad and k == exit_step):
+                vv, va = self.model(xv, xa, s, s, text, None)
+                x0v, x0a = xv - _bc(s, xv) * vv.float(), xa - _bc(s, xa) * va.float()
+            if k < exit_step:
+                nxt = sched.next_sigma(k)
+                xv = (1 - nxt) * x0v + nxt * randn(xv.shape, g)
+                xa = (1 - nxt) * x0a + nxt * randn(xa.shape, g)
+        return x0v, x0a, exit_step
+
+
+STAGES = {"teacher": TeacherStage, "bidmd": BidirectionalDMDStage, "causal": CausalStage, "dmd": DMDStage}
+
+__all__ = ["TeacherStage", "BidirectionalDMDStage", "CausalStage", "DMDStage", "STAGES", "build_dataset", "load_latents", "load_teacher",
            "make_ode_pairs", "teacher_sample", "guided_x0", "audio_block_index", "sigma_of_t", "step_generator"]
