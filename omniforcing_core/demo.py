@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--window", type=int, default=0, help="rolling KV window in blocks (0 = keep all)")
     d.add_argument("--random", action="store_true", help="use the random tiny model, not the trained toy student")
+    d.add_argument("--assets", default=None, help="a folder of exported toy assets (default: the shipped ones; "
+                                                 "`python -m omniforcing_core.toy export --out DIR` writes one)")
     d.add_argument("--out", default="out", help="output folder (omniforcing.mp4, hls/index.m3u8)")
     d.set_defaults(fn=run)
 
@@ -59,7 +61,7 @@ def run(args) -> int:
     from .sampling import Sampler, StreamSpec
 
     d = (DefaultModel(random_model("tiny"), None, None, make_layout("v2"), 128, False) if args.random
-         else load_default())
+         else load_default(args.assets))
     height, width = args.height or d.size, args.width or d.size
     out = Path(args.out)
     clip = make_clip(d.layout, height, width, seconds=args.seconds)
