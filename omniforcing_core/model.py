@@ -137,6 +137,10 @@ class DualStreamBlock(nn.Module):
         self.scale_shift_table_a2v_ca_video = _param((5, dv), dtype, device, dv ** -0.5)
         self.scale_shift_table_a2v_ca_audio = _param((5, da), dtype, device, da ** -0.5)
 
+    def text_key_values(self, video_text: torch.Tensor, audio_text: torch.Tensor):
+        """This layer's text cross-attention K/V (a method of its own so FSDP can gather the block for it)."""
+        return self.attn2.key_value(video_text), self.audio_attn2.key_value(audio_text)
+
     def _self(self, attn: Attention, x, kind, layer, ctx, tpf):
         q = attn.query(x, ctx.ropes.query(kind))
         k, v = attn.key_value(x)
@@ -277,8 +281,8 @@ class OmniForcingTransformer(nn.Module):
         dt = self.dtype
         pv = self.caption_projection(video_context.to(self.device, dt))
         pa = self.audio_caption_projection(audio_context.to(self.device, dt))
-        video = [blk.attn2.key_value(pv) for blk in self.transformer_blocks]
-        audio = [blk.audio_attn2.key_value(pa) for blk in self.transformer_blocks]
+        video, audio = zip(*(blk.text_key_values(pv, pa) for blk in self.transformer_blocks))
+        video, audio = list(video), list(audio)
         add = None
         if mask is not None and not bool(mask.all()):
             keep = mask.to(self.device).bool()[:, None, None, :]

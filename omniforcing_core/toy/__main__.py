@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     t.add_argument("--stage", required=True, choices=["teacher", "bidmd", "ode", "causal", "dmd"],
                    help="teacher; bidmd = optional Stage I (bidirectional few-step DMD); ode = Stage II data; "
                         "causal = Stage II; dmd = Stage III")
-    t.add_argument("--run", required=True, help="run dir (resumed when it holds a checkpoint)")
+    t.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run dir (resumed when it holds a checkpoint); under torchrun spell it --run-dir")
     t.add_argument("--config", help="stage config: a JSON file or a shipped name (toy_*, ltx2_19b_*)")
     t.add_argument("--data")
     t.add_argument("--init")

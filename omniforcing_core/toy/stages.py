@@ -125,6 +125,12 @@ def guided_x0(model, xv, xa, sv, sa, text, uncond, cfg_v: float, cfg_a: float, l
     return (x0v[b:] + cfg_v * (x0v[:b] - x0v[b:]), x0a[b:] + cfg_a * (x0a[:b] - x0a[b:]))
 
 
+def _params_of(opt: torch.optim.Optimizer) -> list:
+    """The parameters an optimiser steps: under FSDP the sharded ones, whatever `module.parameters()`
+    shows while a root module is unsharded."""
+    return [p for gr in opt.param_groups for p in gr["params"]]
+
+
 def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     s = s.float()
     if s.dim() == 1:
@@ -184,6 +190,11 @@ class Stage:
     def step(self, i: int) -> dict:
         raise NotImplementedError
 
+    def make_optimizers(self) -> None:
+        """(Re)create the optimisers over the modules' current parameters: the Runner calls it again
+        after FSDP has replaced them with sharded ones."""
+        raise NotImplementedError
+
     def _opt(self, params, lr, betas, wd):
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=wd, foreach=False)
 
@@ -193,11 +204,8 @@ class Stage:
             gr["lr"] = base * f
 
     def _clip(self, params, max_norm: float) -> float:
-        params = list(params)
-        if self.world > 1 and not self.cfg.fsdp:
-            from .train import average_gradients
-            average_gradients(params, self.world)
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        from .train import clip_gradients
+        return clip_gradients(list(params), max_norm, self.world)
 
 
 class SupervisedStage(Stage):
@@ -233,8 +241,11 @@ class TeacherStage(SupervisedStage):
         self.model = new_model(cfg, cfg.seed)
         torch.manual_seed(cfg.seed + 1)
         self.textenc = TextEncoder(cfg.model_config().caption_channels)
+        self.make_optimizers()
+
+    def make_optimizers(self) -> None:
         self.params = list(self.model.parameters()) + list(self.textenc.parameters())
-        self.opt = self._opt(self.params, cfg.lr, cfg.betas, cfg.weight_decay)
+        self.opt = self._opt(self.params, self.cfg.lr, self.cfg.betas, self.cfg.weight_decay)
 
     def _loss(self, g: torch.Generator):
         cfg = self.cfg
@@ -337,12 +348,15 @@ class CausalStage(SupervisedStage):
         self.textenc = TextEncoder(cfg.model_config().caption_channels)
         self.textenc.load_state_dict(st["text"])
         self.textenc.requires_grad_(False).eval()
-        self.params = list(self.model.parameters())
-        self.opt = self._opt(self.params, cfg.lr, cfg.betas, cfg.weight_decay)
+        self.make_optimizers()
         f_v, f_a = self.traj_v.shape[3], self.traj_a.shape[3]
         self.vblock = torch.tensor([self.layout.video_block_of(f) for f in range(f_v)])
         self.ablock = audio_block_index(self.layout, f_v, f_a, cfg.audio_sigma_mapping)
         self.nblocks = int(self.vblock.max()) + 1
+
+    def make_optimizers(self) -> None:
+        self.params = list(self.model.parameters())
+        self.opt = self._opt(self.params, self.cfg.lr, self.cfg.betas, self.cfg.weight_decay)
 
     def _loss(self, g: torch.Generator):
         cfg = self.cfg
@@ -383,14 +397,24 @@ class DMDStage(Stage):
         self.model = new_model(cfg, cfg.seed)
         load_into(self.model, _load_run_modules(cfg.init)["model"])
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
-        self.opt = self._opt(self.model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
-        self.copt = self._opt(self.critic.parameters(), cfg.critic_lr, cfg.critic_betas, cfg.weight_decay)
+        self.make_optimizers()
         self.data = load_latents(cfg.data)
         self.schedule = make_schedule(cfg.ode_steps, context_noise=cfg.context_noise)
         self.sig_t = sigma_of_t()
         self.num_blocks = self.layout.blocks_for_seconds(cfg.seconds)
         with torch.no_grad():
             self.uncond_feats = te([""])
+
+    def _exit_step(self, i: int, grad: bool) -> int:
+        """The rollout's exit step: the same on every rank (as the official code broadcasts it), so
+        all ranks run the same number of forwards - FSDP's per-forward collectives must match."""
+        g = step_generator(self.cfg, i, 0, salt="exit-gen" if grad else "exit-critic")
+        return int(torch.randint(self.schedule.steps, (), generator=g))
+
+    def make_optimizers(self) -> None:
+        cfg = self.cfg
+        self.opt = self._opt(self.model.parameters(), cfg.lr, cfg.betas, cfg.weight_decay)
+        self.copt = self._opt(self.critic.parameters(), cfg.critic_lr, cfg.critic_betas, cfg.weight_decay)
 
     def modules(self):
         m = {"model": self.model, "critic": self.critic, "text": self.textenc}
@@ -403,7 +427,7 @@ class DMDStage(Stage):
 
     def rollout(self, text, g: torch.Generator, i: int, grad: bool):
         """Generator rollout exactly as inference (Sampler, KV cache, clean refresh); exit step with grad."""
-        exit_step = int(torch.randint(self.schedule.steps, (), generator=g))
+        exit_step = self._exit_step(i, grad)
         spec = StreamSpec(self.layout, self.cfg.size, self.cfg.size, self.num_blocks,
                           seed=_mix(self.cfg.seed, "rollout", i, self.rank) & 0xFFFFFFFF, batch=text.batch)
         sampler = Sampler(self.model, spec, text, schedule=self.schedule, exit_step=exit_step)
@@ -428,8 +452,8 @@ class DMDStage(Stage):
             unc = self.uncond_feats.expand(b, -1, -1)
         text_s = self.model.text_kv(feats, feats)
         out = {}
-        if i % cfg.gen_every == 0:  # generator update
-            self.critic.requires_grad_(False)
+        if i % cfg.gen_every == 0:  # generator update (the critic runs under no_grad: no toggling of
+            # requires_grad, which under FSDP would reach only the parameters registered at that moment)
             xv, xa, e = self.rollout(text_s, g, i, grad=True)
             s, (nv, na), _ = self._noisy((xv.detach(), xa.detach()), g, b)
             with torch.no_grad():
@@ -446,13 +470,12 @@ class DMDStage(Stage):
             self._lr(self.opt, i, cfg.lr)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            out["gen_grad_norm"] = self._clip(list(self.model.parameters()), cfg.grad_clip)
+            out["gen_grad_norm"] = self._clip(_params_of(self.opt), cfg.grad_clip)
             self.opt.step()
             out.update(dmd=loss.item(), dmd_video=lv.item(), dmd_audio=la.item(), exit=e)
-            self.critic.requires_grad_(True)
             if self.ema is not None and i >= cfg.ema_start:
                 with torch.no_grad():
-                    for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                    for pe, pm in zip(self.ema.parameters(), _params_of(self.opt)):
                         pe.lerp_(pm, 1 - cfg.ema_decay)
             elif self.ema is not None:
                 self.ema.load_state_dict(self.model.state_dict())
@@ -466,7 +489,7 @@ class DMDStage(Stage):
         self._lr(self.copt, i, cfg.critic_lr)
         self.copt.zero_grad(set_to_none=True)
         cl.backward()
-        out["critic_grad_norm"] = self._clip(list(self.critic.parameters()), cfg.grad_clip)
+        out["critic_grad_norm"] = self._clip(_params_of(self.copt), cfg.grad_clip)
         self.copt.step()
         out["critic"] = cl.item()
         out["loss"] = out.get("dmd", float("nan"))
@@ -488,7 +511,7 @@ class BidirectionalDMDStage(DMDStage):
     def rollout(self, text, g: torch.Generator, i: int, grad: bool):
         """Whole-clip few-step sampling (x0 prediction, fresh noise between steps); exit step with grad."""
         sched = self.schedule
-        exit_step = int(torch.randint(sched.steps, (), generator=g))
+        exit_step = self._exit_step(i, grad)
         b = text.batch
         xv, xa = randn(self.clip.video_shape(b), g), randn(self.clip.audio_shape(b), g)
         for k, sig in enumerate(sched.sigmas[:exit_step + 1]):

@@ -6,8 +6,9 @@
 run dir when one exists. Launched under `torchrun` (WORLD_SIZE > 1) it initialises
 torch.distributed, gives every rank its own data/noise stream, averages gradients (DDP), or shards
 the trainable models with FSDP2 (`fully_shard` per transformer block, then the root) when
-`cfg.fsdp` is set - the path the real 19B configs use. The distributed path is import-tested only
-in this repository (no GPUs here); the single-process path is what the toy runs and CI use.
+`cfg.fsdp` is set - the path the real 19B configs use. Both run here on CPU with gloo
+(`torchrun --nproc_per_node 2 -m omniforcing_core.toy train ... --run-dir DIR`, tested); NCCL on
+GPUs is the same code, not run here.
 """
 from __future__ import annotations
 
@@ -47,9 +48,14 @@ def shard_model(model: torch.nn.Module, mixed_precision: Optional[str] = None) -
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    from torch.distributed.fsdp import register_fsdp_forward_method
     for blk in model.transformer_blocks:
         fully_shard(blk, mp_policy=mp)
+        register_fsdp_forward_method(blk, "text_key_values")
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    # the samplers call these model methods directly, not forward: FSDP must gather for them too
+    for name in ("text_kv", "encode_text", "forward_block"):
+        register_fsdp_forward_method(model, name)
     return model
 
 
@@ -71,16 +77,35 @@ def average_gradients(params, world: int) -> None:
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in module.modules())
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def _full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    if any(type(m).__name__.startswith("FSDP") for m in module.modules()):
+    """The whole state dict; for an FSDP module a collective every rank must join."""
+    if _is_sharded(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return module.state_dict()
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_s: float) -> None:
+    """Every rank calls this (FSDP gathers the full weights collectively); rank 0 writes the weights
+    and the state. With FSDP each rank also writes its own optimiser shards (`optim.rank<r>.safetensors`):
+    weights stay portable, an optimiser resumes with the same number of ranks."""
     from safetensors.torch import save_file
-    tensors, groups = {}, {}
+    rank = _rank()
+    sharded = any(_is_sharded(m) for m in stage.modules().values())
+    tensors, optim, groups = {}, {}, {}
     for name, mod in stage.modules().items():
         for k, v in _full_state(mod).items():
             tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
@@ -89,34 +114,85 @@ def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_
         for pid, st in sd["state"].items():
             for k, v in st.items():
                 t = v if torch.is_tensor(v) else torch.tensor(v)
-                tensors[f"optim.{name}.{pid}.{k}"] = t.detach().contiguous().cpu()
+                t = t.to_local() if _is_dtensor(t) else t
+                optim[f"optim.{name}.{pid}.{k}"] = t.detach().contiguous().cpu()
         groups[name] = sd["param_groups"]
+    if sharded:
+        _atomic_save(optim, run_dir / f"optim.rank{rank}.safetensors", step)
+    else:
+        tensors.update(optim)
+    if rank != 0:
+        return
     state = {"stage": stage.cfg.stage, "step": step, "config": stage.cfg.to_dict(), "param_groups": groups,
-             "metrics": metrics[-2000:], "wall_s": wall_s, "format": 1}
-    tmp = run_dir / "ckpt.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"stage": stage.cfg.stage, "step": str(step)})
-    os.replace(tmp, run_dir / "ckpt.safetensors")
+             "metrics": metrics[-2000:], "wall_s": wall_s, "format": 1, "sharded_optimizer": sharded}
+    _atomic_save(tensors, run_dir / "ckpt.safetensors", step, stage.cfg.stage)
     (run_dir / "state.json.tmp").write_text(json.dumps(state, indent=1))
     os.replace(run_dir / "state.json.tmp", run_dir / "state.json")
+
+
+def _atomic_save(tensors: dict, path: Path, step: int, stage: str = "") -> None:
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"stage": stage, "step": str(step)})
+    os.replace(tmp, path)
 
 
 def load_checkpoint(run_dir: Path, stage: Stage) -> dict:
     from safetensors.torch import load_file
     state = json.loads((run_dir / "state.json").read_text())
     t = load_file(str(run_dir / "ckpt.safetensors"))
+    if state.get("sharded_optimizer"):
+        t.update(load_file(str(run_dir / f"optim.rank{_rank()}.safetensors")))
     for name, mod in stage.modules().items():
         pre = name + "."
-        mod.load_state_dict({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}, strict=True)
+        sd = {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}
+        if _is_sharded(mod):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(mod, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            mod.load_state_dict(sd, strict=True)
     for name, opt in stage.optimizers().items():
         pre = f"optim.{name}."
+        params = [p for gr in opt.param_groups for p in gr["params"]]
         st: dict = {}
         for k, v in t.items():
             if k.startswith(pre):
                 pid, key = k[len(pre):].split(".", 1)
+                p = params[int(pid)]
+                if _is_dtensor(p) and v.dim() > 0:  # a saved local shard: back onto the param's mesh
+                    from torch.distributed.tensor import DTensor
+                    v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                           shape=p.shape, stride=p.stride())
                 st.setdefault(int(pid), {})[key] = v
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in gr.items()} for gr in state["param_groups"][name]]
         opt.load_state_dict({"state": st, "param_groups": groups})
     return state
+
+
+def clip_gradients(params, max_norm: float, world: int) -> float:
+    """Average what DDP-style training leaves unreduced, then clip by the global norm.
+
+    FSDP reduces (and shards) the gradients of its own modules; every other parameter (e.g. the
+    caption encoder beside a sharded transformer) is all-reduced here. Plain single-process and
+    DDP runs take torch's `clip_grad_norm_` unchanged."""
+    params = [p for p in params if p.grad is not None]
+    sharded = [p for p in params if _is_dtensor(p.grad)]
+    plain = [p for p in params if not _is_dtensor(p.grad)]
+    average_gradients(plain, world)
+    limit = max_norm if max_norm > 0 else float("inf")
+    if not sharded:
+        return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    import torch.distributed as dist
+    # shards are disjoint across ranks: sum their squares everywhere; replicated grads count once
+    sq = sum(p.grad.to_local().float().pow(2).sum() for p in sharded)
+    dist.all_reduce(sq)
+    sq = sq.cpu() + sum((p.grad.float().pow(2).sum().cpu() for p in plain), torch.zeros(()))
+    total = float(sq.sqrt())
+    if total > limit:
+        coef = limit / (total + 1e-6)
+        for p in params:
+            p.grad.mul_(coef)
+    return total
 
 
 # -- runner ------------------------------------------------------------------------------------------
@@ -136,9 +212,10 @@ class Runner:
         torch.manual_seed(cfg.seed)
         stage = STAGES[cfg.stage](cfg, self.rank, self.world, self.device)
         if self.world > 1 and cfg.fsdp:
-            for name in ("model", "critic"):
-                if hasattr(stage, name):
+            for name in ("model", "critic", "ema"):  # the EMA shadow follows the model's sharding
+                if getattr(stage, name, None) is not None:
                     shard_model(getattr(stage, name), cfg.mixed_precision)
+            stage.make_optimizers()  # over the sharded parameters FSDP put in place
         start, metrics, wall0 = 0, [], 0.0
         if self.resume and (self.run_dir / "state.json").exists():
             st = load_checkpoint(self.run_dir, stage)
@@ -160,7 +237,7 @@ class Runner:
                 txt = " ".join(f"{k} {v:.4g}" for k, v in recent.items())  # newest value of every metric
                 self.log(f"[{cfg.stage}] step {done}/{cfg.steps} {txt} | {per:.2f} s/step, "
                          f"eta {per * (cfg.steps - done):.0f} s")
-            if self.rank == 0 and (done % cfg.save_every == 0 or done == end):
+            if done % cfg.save_every == 0 or done == end:  # every rank: FSDP gathers collectively
                 save_checkpoint(self.run_dir, stage, done, metrics, wall0 + time.perf_counter() - t0)
         self.stage = stage
         return last
@@ -182,5 +259,5 @@ def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "dist_env", "shard_model", "unshard_root",
+__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "clip_gradients", "dist_env", "shard_model", "unshard_root",
            "average_gradients", "summarize"]
