@@ -60,6 +60,8 @@ def test_demo_writes_mp4_and_hls_with_audio_in_sync(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["blocks"] == 3 and report["video_frames"] == 73 and report["ttfc_s"] > 0
+    from omniforcing_core.embedded import has_trained_assets
+    assert report["model"] == ("trained toy student" if has_trained_assets() else "random tiny model")
     for path in (tmp_path / "omniforcing.mp4", tmp_path / "hls" / "index.m3u8"):
         info = probe_media(path)
         assert info.num_streams == 2

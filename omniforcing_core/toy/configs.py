@@ -99,7 +99,7 @@ def toy_config(stage: str, **kw) -> StageConfig:
         "teacher": dict(lr=1e-3, steps=3000, batch=8, betas=(0.9, 0.99), warmup=100),
         "ode": dict(num_pairs=384, batch=32),
         "causal": dict(lr=3e-4, steps=1500, batch=8, betas=(0.9, 0.999)),
-        "dmd": dict(lr=2e-5, critic_lr=2e-5, steps=400, batch=4, betas=(0.0, 0.999), weight_decay=0.01,
+        "dmd": dict(lr=2e-5, critic_lr=2e-5, steps=1200, batch=4, betas=(0.0, 0.999), weight_decay=0.01,
                     gen_every=5, ema_decay=0.99, ema_start=50),
     }
     base["bidmd"] = dict(base["dmd"])  # Stage I: Stage III's optimisation, bidirectional rollout
