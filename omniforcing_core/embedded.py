@@ -3,6 +3,7 @@ so the demo and tests run on a fresh machine with no downloads."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,7 @@ def toy_text(model: OmniForcingTransformer, prompt: str, batch: int = 1) -> Text
 
 # -- the trained toy student (issue #6) ----------------------------------------------------------------
 
-ASSETS = __import__("pathlib").Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 class DefaultModel:
@@ -88,7 +89,7 @@ def decode_toy_audio(codecs, latents: torch.Tensor, sample_rate: int = 24000) ->
 
 def asset_files(assets=None) -> dict:
     """The shipped asset files by role: student (transformer), text (caption encoder), codecs."""
-    root = ASSETS if assets is None else __import__("pathlib").Path(assets)
+    root = ASSETS if assets is None else Path(assets)
     return {n: root / f"toy_{n}.safetensors" for n in ("student", "text", "codecs")}
 
 
