@@ -27,7 +27,6 @@ class ToyKitValue:
 
     text_encoder: torch.nn.Module
     codecs: torch.nn.Module
-    size: int  # the square frame size the student was trained at (pixels)
 
 
 def _words() -> str:
@@ -77,7 +76,7 @@ class OmniForcingToyModel(io.ComfyNode):
                                      label="OmniForcing toy student:")
         te, codecs = embedded.load_text_and_codecs()
         size = int(meta.get("size", 128))
-        return io.NodeOutput(patcher, ToyKitValue(te, codecs, size), f"{info}; trained at {size}x{size}")
+        return io.NodeOutput(patcher, ToyKitValue(te, codecs), f"{info}; trained at {size}x{size}")
 
 
 class OmniForcingToyTextEncode(io.ComfyNode):

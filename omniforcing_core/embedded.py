@@ -81,8 +81,10 @@ class DefaultModel:
 def decode_toy_audio(codecs, latents: torch.Tensor, sample_rate: int = 24000) -> torch.Tensor:
     """Toy codecs: audio latents [B, 8, T, 16] -> stereo [B, 2, (4T - 3) * sample_rate / 100], the
     length LTX-2's audio VAE + vocoder give (so every streaming/muxing rule applies unchanged)."""
+    from .layout import TimeBase
     w = codecs.decode_audio(latents, sample_rate)
-    n = (4 * latents.shape[2] - 3) * sample_rate // 100
+    time = TimeBase(audio_sample_rate=sample_rate)
+    n = time.audio.frames_for_latents(latents.shape[2]) * time.samples_per_mel_frame
     w = torch.nn.functional.pad(w, (0, max(0, n - w.shape[-1])))[..., :n]
     return w[:, None].expand(-1, 2, -1).contiguous()
 

@@ -44,11 +44,10 @@ def dist_env() -> tuple[int, int, str]:
 def shard_model(model: torch.nn.Module, mixed_precision: Optional[str] = None) -> torch.nn.Module:
     """FSDP2: one unit per transformer block plus the root (LTX-2 19B: 48 blocks of ~0.39 B params).
     Block calls go through `__call__`, so the per-block hooks fire on both the masked full path and
-    the KV-cached block path; the root's own parameters are gathered explicitly by `unshard_root`."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    the KV-cached block path; the methods called directly (below) are registered as forward methods."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    from torch.distributed.fsdp import register_fsdp_forward_method
     for blk in model.transformer_blocks:
         fully_shard(blk, mp_policy=mp)
         register_fsdp_forward_method(blk, "text_key_values")
@@ -57,11 +56,6 @@ def shard_model(model: torch.nn.Module, mixed_precision: Optional[str] = None) -
     for name in ("text_kv", "encode_text", "forward_block"):
         register_fsdp_forward_method(model, name)
     return model
-
-
-def unshard_root(model: torch.nn.Module) -> None:
-    if hasattr(model, "unshard"):
-        model.unshard()
 
 
 def average_gradients(params, world: int) -> None:
@@ -102,9 +96,10 @@ def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_
     """Every rank calls this (FSDP gathers the full weights collectively); rank 0 writes the weights
     and the state. With FSDP each rank also writes its own optimiser shards (`optim.rank<r>.safetensors`):
     weights stay portable, an optimiser resumes with the same number of ranks."""
-    from safetensors.torch import save_file
     rank = _rank()
     sharded = any(_is_sharded(m) for m in stage.modules().values())
+    if rank != 0 and not sharded:
+        return  # nothing to gather, nothing to write
     tensors, optim, groups = {}, {}, {}
     for name, mod in stage.modules().items():
         for k, v in _full_state(mod).items():
@@ -259,5 +254,5 @@ def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "clip_gradients", "dist_env", "shard_model", "unshard_root",
+__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "clip_gradients", "dist_env", "shard_model",
            "average_gradients", "summarize"]
