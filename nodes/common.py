@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from comfy_api.latest import io
 
-from ..omniforcing_core.model import OmniForcingTransformer, adopt_modules
+from ..omniforcing_core.model import OmniForcingTransformer, Runtime
+from .sharing import adopt_modules
 
 log = logging.getLogger("omniforcing")
 
@@ -31,6 +32,7 @@ class ModelHandle:
     layout_kind: str  # the layout the weights were trained for ("v2" | "prefix")
     description: str
     native: Optional[torch.nn.Module] = None  # the native LTXAV diffusion model whose modules we use
+    compute_dtype: Optional[torch.dtype] = None  # None: the transformer's own (a native model's inference dtype)
 
 
 class HostModule(torch.nn.Module):
@@ -93,8 +95,9 @@ def place_loose_params(module: torch.nn.Module, device) -> None:
                     p.data = p.data.to(device)
 
 
-def prepare_for_run(patcher, handle: ModelHandle, memory_required: int) -> OmniForcingTransformer:
-    """Load the MODEL onto the compute device (ComfyUI decides full / partial) and return the transformer."""
+def prepare_for_run(patcher, handle: ModelHandle, memory_required: int) -> tuple[OmniForcingTransformer, Runtime]:
+    """Load the MODEL onto the compute device (ComfyUI decides full / partial); return the transformer
+    and how to run it (ComfyUI's attention kernel, the compute dtype)."""
     import comfy.model_management as mm
 
     mm.load_models_gpu([patcher], memory_required=memory_required)
@@ -103,8 +106,7 @@ def prepare_for_run(patcher, handle: ModelHandle, memory_required: int) -> OmniF
         # loading may have replaced Parameter objects (LoRA patches): link to the current ones
         adopt_modules(ours, handle.native)
     place_loose_params(ours, patcher.load_device)
-    ours.attn_fn = comfy_attention()
-    return ours
+    return ours, Runtime(attn_fn=comfy_attention(), compute_dtype=handle.compute_dtype)
 
 
 def is_video_vae(vae) -> bool:

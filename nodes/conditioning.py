@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..omniforcing_core.prompts import PromptError, PromptPlan, TimedContext, parse_timed_prompts
+from ..omniforcing_core.prompts import Prompt, PromptError, PromptTimeline, TextContext, parse_timed_prompts
 from .common import CATEGORY, Prompts, log
 
 UNPROCESSED_KEY = "unprocessed_ltxav_embeds"  # set by ComfyUI's LTX-2 text encoder when connectors still have to run
 
 
-def context_from_conditioning(cond, what: str = "conditioning") -> tuple:
-    """Native CONDITIONING ([[tensor, dict], ...]) -> (context [1, L, D], unprocessed flag)."""
+def context_from_conditioning(cond, what: str = "conditioning") -> TextContext:
+    """Native CONDITIONING ([[tensor, dict], ...]) -> the text context ([1, L, D] + unprocessed flag)."""
     if not isinstance(cond, (list, tuple)) or not cond or not isinstance(cond[0], (list, tuple)):
         raise ValueError(f"'{what}' is not a CONDITIONING (connect a CLIP Text Encode output)")
     if len(cond) > 1:
@@ -25,15 +25,14 @@ def context_from_conditioning(cond, what: str = "conditioning") -> tuple:
     fps = extra.get("frame_rate")
     if fps is not None and abs(float(fps) - 24.0) > 1e-6:
         log.warning("%s carries frame_rate=%s; OmniForcing runs at 24 fps and ignores it", what, fps)
-    return tensor[:1] if tensor.dim() == 3 else tensor, bool(extra.get(UNPROCESSED_KEY, False))
+    return TextContext(tensor[:1] if tensor.dim() == 3 else tensor, bool(extra.get(UNPROCESSED_KEY, False)))
 
 
-def plan_from_input(positive) -> PromptPlan:
+def plan_from_input(positive) -> PromptTimeline:
     """The samplers' `positive`: a CONDITIONING or our prompt schedule."""
-    if isinstance(positive, PromptPlan):
+    if isinstance(positive, PromptTimeline):
         return positive
-    ctx, unprocessed = context_from_conditioning(positive, "positive")
-    return PromptPlan.single(ctx, unprocessed)
+    return PromptTimeline.single(context_from_conditioning(positive, "positive"))
 
 
 def _start_input(default: float = 0.0):
@@ -71,9 +70,9 @@ class OmniForcingPromptAt(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, start_seconds, recache, schedule=None) -> io.NodeOutput:
-        ctx, unprocessed = context_from_conditioning(conditioning)
-        plan = schedule if isinstance(schedule, PromptPlan) else PromptPlan()
-        plan = plan.add(TimedContext(float(start_seconds), ctx, unprocessed, f"prompt @{start_seconds:g}s"))
+        plan = schedule if isinstance(schedule, PromptTimeline) else PromptTimeline()
+        plan = plan.add(Prompt(float(start_seconds), context_from_conditioning(conditioning),
+                               f"prompt @{start_seconds:g}s"))
         return io.NodeOutput(plan.with_recache(recache))
 
 
@@ -113,9 +112,9 @@ class OmniForcingPromptSchedule(io.ComfyNode):
     def execute(cls, clip, text, recache, schedule=None) -> io.NodeOutput:
         if clip is None:
             raise ValueError("'clip' is empty: connect the LTX-2 text encoder (LTXAV Text Encoder Loader)")
-        plan = schedule if isinstance(schedule, PromptPlan) else PromptPlan()
-        for item in parse_timed_prompts(text):
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(item.text))
-            ctx, unprocessed = context_from_conditioning(cond, f"the encoding of '{item.text[:30]}'")
-            plan = plan.add(TimedContext(item.start_s, ctx, unprocessed, item.text))
+        plan = schedule if isinstance(schedule, PromptTimeline) else PromptTimeline()
+        for item in parse_timed_prompts(text).prompts:
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(item.value))
+            plan = plan.add(Prompt(item.start_s, context_from_conditioning(cond, f"the encoding of '{item.value[:30]}'"),
+                                   item.label))
         return io.NodeOutput(plan.with_recache(recache))

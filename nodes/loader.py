@@ -13,8 +13,8 @@ from comfy_api.latest import io
 from ..omniforcing_core.checkpoint import KeyMap, TensorRef, scan, SAFETENSORS_DTYPES
 from ..omniforcing_core.layout import make_layout
 from ..omniforcing_core.loader import DTYPES, FP8, infer_config, load_model, resolve_conventions
-from ..omniforcing_core.model import OmniForcingTransformer, adopt_modules
-from .common import ATTACHMENT, CATEGORY, HostModule, ModelHandle, log
+from ..omniforcing_core.model import OmniForcingTransformer
+from .common import ATTACHMENT, CATEGORY, HostModule, ModelHandle, adopt_modules, log
 
 FOLDERS = ("omniforcing", "diffusion_models", "checkpoints")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -241,12 +241,12 @@ class OmniForcingFromNativeModel(io.ComfyNode):
         with torch.device("meta"):
             ours = OmniForcingTransformer(cfg)
         adopt_modules(ours, dm)
-        ours.compute_dtype = base.get_dtype_inference()
+        compute = base.get_dtype_inference()
         ours.eval().requires_grad_(False)
         kind = _layout_kind(layout, cfg.num_audio_sinks)
         info = (f"OmniForcing over the native LTX-2 MODEL (shared weights): {cfg.num_layers} layers, "
-                f"compute {ours.compute_dtype}, layout {kind}, rope {conv.rope_kind}/{conv.rope_precision}, "
+                f"compute {compute}, layout {kind}, rope {conv.rope_kind}/{conv.rope_precision}, "
                 f"av gate x{conv.av_ca_timestep_scale_multiplier:g}")
         patched = model.clone()
-        patched.set_attachments(ATTACHMENT, ModelHandle(ours, kind, info, native=dm))
+        patched.set_attachments(ATTACHMENT, ModelHandle(ours, kind, info, native=dm, compute_dtype=compute))
         return io.NodeOutput(patched, info)

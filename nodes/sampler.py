@@ -14,8 +14,8 @@ from comfy_api.latest import io
 
 from ..omniforcing_core.cache import CachePolicy
 from ..omniforcing_core.layout import Clip, LayoutError, make_clip, make_layout
-from ..omniforcing_core.prompts import PromptError, PromptPlan, build_prompts, switch_report
-from ..omniforcing_core.sampling import Guidance, Sampler, StreamSpec
+from ..omniforcing_core.prompts import PromptError, PromptTimeline, TextContext, resolve_prompts
+from ..omniforcing_core.sampling import Guidance, Sampler
 from ..omniforcing_core.schedule import RELEASED_STEPS, Schedule, make_schedule, parse_steps
 from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_video_vae, get_handle, log,
                      prepare_for_run, raise_interrupt)
@@ -95,15 +95,10 @@ class RunPlan:
     clip: Clip
     schedule: Schedule
     policy: CachePolicy
-    prompts: PromptPlan
-    negative: Optional[tuple]  # (context, unprocessed)
+    prompts: PromptTimeline
+    negative: Optional[TextContext]
     video_cfg: float
     audio_cfg: float
-    seed: int
-
-    @property
-    def spec(self) -> StreamSpec:
-        return StreamSpec.from_clip(self.clip, seed=self.seed)
 
     @property
     def cfg_batch(self) -> int:
@@ -118,23 +113,23 @@ def plan_run(model, positive, width, height, seconds, seed, steps, window, layou
     try:
         lay = make_layout(kind, num_sinks=ours.num_sinks)
         ours.check_layout(lay)
-        clip = make_clip(lay, int(height), int(width), seconds=int(seconds))
+        clip = make_clip(lay, int(height), int(width), seconds=int(seconds), seed=int(seed))
         schedule = make_schedule(parse_steps(steps))
         policy = CachePolicy(window=int(window) or None, rebase_rope=bool(rebase_rope))
         plan = plan_from_input(positive)
-        switch_report(plan, lay, clip.num_blocks)
+        plan.switches(lay, clip.num_blocks)
     except (LayoutError, PromptError) as e:
         raise ValueError(str(e)) from None
     neg = context_from_conditioning(negative, "negative") if negative is not None else None
     if neg is None and (video_cfg != 3.0 or audio_cfg != 5.0):
         log.info("video_cfg/audio_cfg are ignored without a negative prompt")
-    return RunPlan(handle, clip, schedule, policy, plan, neg, float(video_cfg), float(audio_cfg), int(seed))
+    return RunPlan(handle, clip, schedule, policy, plan, neg, float(video_cfg), float(audio_cfg))
 
 
 def memory_estimate(rp: RunPlan) -> int:
     """Bytes to keep free besides the weights: the KV cache for this window and size, plus one
     block's activations (including attention scores when the kernel materialises them)."""
-    ours, spec = rp.handle.transformer, rp.spec
+    ours, spec = rp.handle.transformer, rp.clip
     batch = spec.batch * rp.cfg_batch
     cache = ours.new_cache(spec.layout, spec.grid, rp.policy, batch)
     kv = cache.estimate_bytes(spec.num_blocks)
@@ -170,15 +165,16 @@ def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tenso
     """Load the model, resolve the prompts for it and return (sampler, progress)."""
     import comfy.model_management as mm
 
-    ours = prepare_for_run(model, rp.handle, memory_estimate(rp))
+    ours, runtime = prepare_for_run(model, rp.handle, memory_estimate(rp))
     try:
-        resolved = build_prompts(ours, rp.prompts, *(rp.negative or (None, False)))
+        prompts, negative = resolve_prompts(ours, rp.prompts, rp.negative, runtime)
     except PromptError as e:
         raise ValueError(str(e)) from None
-    guidance = Guidance(resolved.negative, rp.video_cfg, rp.audio_cfg) if resolved.negative is not None else None
+    guidance = Guidance(negative, rp.video_cfg, rp.audio_cfg) if negative is not None else None
     progress = Progress(node_id, rp.clip.num_blocks, rp.schedule.steps)
-    sampler = Sampler(ours, rp.spec, resolved.schedule, schedule=rp.schedule, policy=rp.policy, guidance=guidance,
-                      first_frame=first_frame, should_stop=mm.processing_interrupted, on_step=progress.step)
+    sampler = Sampler(ours, rp.clip, prompts, schedule=rp.schedule, policy=rp.policy, guidance=guidance,
+                      first_frame=first_frame, runtime=runtime, should_stop=mm.processing_interrupted,
+                      on_step=progress.step)
     return sampler, progress
 
 

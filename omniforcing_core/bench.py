@@ -16,7 +16,6 @@ import torch
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="per-block latency / cache bytes of rolling vs full cache vs prefix re-run")
     b.add_argument("--config", default="bench")
-    b.add_argument("--random-weights", action="store_true", help="(always random here; for symmetry with GPU runs)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default=None, help="fp32/bf16/fp16 (default fp32 on CPU, bf16 on CUDA)")
     b.add_argument("--height", type=int, default=None)
@@ -47,16 +46,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _block_flops(model, spec, text, policy) -> float:
+def _block_flops(model, clip, text, policy, runtime) -> float:
     """FLOPs of one steady block (all its forwards), counted by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .sampling import Sampler
 
-    s = Sampler(model, spec, text, policy=policy)
-    s.run_block(spec.layout.block(0))
+    s = Sampler(model, clip, text, policy=policy, runtime=runtime)
+    s.run_block(clip.layout.block(0))
     with FlopCounterMode(display=False) as fc:
-        s.run_block(spec.layout.block(1))
+        s.run_block(clip.layout.block(1))
     return float(fc.get_total_flops())
 
 
@@ -65,8 +64,9 @@ def run(args) -> int:
     from .cache import CachePolicy
     from .config import get_config
     from .embedded import random_model, toy_text
-    from .layout import make_layout
-    from .sampling import Sampler, StreamSpec
+    from .layout import Clip, make_layout
+    from .model import Runtime
+    from .sampling import PrefixBackend, Sampler
 
     dev = torch.device(args.device)
     big = args.config.startswith("ltx2")
@@ -78,20 +78,20 @@ def run(args) -> int:
     cfg = get_config(args.config)
     t_load = time.perf_counter()
     model = random_model(cfg, seed=0, dtype=dtype, device=dev)
-    model.parallel_modalities = args.parallel_modalities
+    runtime = Runtime(parallel_modalities=args.parallel_modalities)
     load_s = time.perf_counter() - t_load
     text = toy_text(model, "a red ball bounces twice")
     layout = make_layout("v2")
-    spec = StreamSpec(layout, height, width, blocks, seed=0)
-    modes = {"rolling": ("cached", CachePolicy(window=args.window)), "full": ("cached", CachePolicy()),
-             "prefix": ("prefix", CachePolicy())}
+    clip = Clip(layout, height, width, blocks, seed=0)
+    modes = {"rolling": CachePolicy(window=args.window), "full": CachePolicy(), "prefix": None}
     out = {"config": args.config, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
            "height": height, "width": width, "blocks": blocks, "window": args.window,
            "threads": torch.get_num_threads(), "model_build_s": round(load_s, 3), "modes": {}}
     frames_total = layout.time.video.frames_for_latents(layout.latents_for_blocks(blocks)[0])
     for name in args.modes.split(","):
-        backend, policy = modes[name]
-        sampler = Sampler(model, spec, text, policy=policy, backend=backend)
+        policy = modes[name]
+        backend = PrefixBackend(model, clip, runtime=runtime) if policy is None else None
+        sampler = Sampler(model, clip, text, policy=policy or CachePolicy(), backend=backend, runtime=runtime)
         per_block, t0, ttfc = [], time.perf_counter(), None
         for res in sampler:
             _sync(dev)
@@ -106,7 +106,7 @@ def run(args) -> int:
                               "last_over_first_steady": round(per_block[-1] / steady, 3)}
     r = out["modes"].get("rolling") or next(iter(out["modes"].values()))
     out["ttfc_s"], out["video_fps"] = r["ttfc_s"], r["video_fps"]
-    flops = _block_flops(model, spec, text, CachePolicy(window=args.window))
+    flops = _block_flops(model, clip, text, CachePolicy(window=args.window), runtime)
     steady_ms = r["per_block_ms"][1] if len(r["per_block_ms"]) > 1 else r["per_block_ms"][0]
     out["block_gflop"] = round(flops / 1e9, 3)
     out["achieved_gflops"] = round(flops / (steady_ms / 1000) / 1e9, 2)

@@ -9,8 +9,10 @@ order, so a ring is exact. Without a window, slots grow with the stream.
 
 Four kinds per layer: `video_self` and `v2a` hold video-token keys, `audio_self` and `a2v` hold
 audio-token keys (A2V/V2A keys are projected by that layer's cross attention, so they are separate
-from the self-attention keys). With `rebase_rope` keys are stored un-rotated and rotated at read
-time with window-relative positions, so a stream can run past RoPE's 20 s range.
+from the self-attention keys). The cache owns this geometry: `begin_block` says where the block's
+K/V go, which blocks it sees and by how much positions shift (`BlockView`); the model builds the
+RoPE tables from that (with `rebase_rope` keys are stored un-rotated and rotated at read time with
+window-relative positions, so a stream can run past RoPE's 20 s range).
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from typing import Optional
 import torch
 
 from .layout import Block, BlockLayout
-from .rope import RopeTable, apply_rope
 
 KINDS = ("video_self", "audio_self", "a2v", "v2a")
 VIDEO_KEYED = ("video_self", "v2a")
@@ -48,6 +49,21 @@ class CachePolicy:
         return max(0, k - self.window - 1)
 
 
+@dataclass(frozen=True)
+class BlockView:
+    """What one block needs from the cache: where it writes and what it sees."""
+
+    block: Block
+    slot: Optional[int]  # ring slot of the block (None: the sink region of block 0)
+    visible: tuple[int, ...]  # block indices whose keys the block sees, in buffer order (sink first)
+    position_shift: int  # blocks subtracted from indices >= 1 for positions (rebase_rope; else 0)
+    rebase_rope: bool  # keys are stored un-rotated and rotated at read time with shifted positions
+
+    def position_block(self, index: int) -> int:
+        """The block index whose positions block `index` takes."""
+        return index - self.position_shift if index else 0
+
+
 class StreamCache:
     """K/V of every layer for one stream (any batch size; CFG streams use batch 2B)."""
 
@@ -63,7 +79,6 @@ class StreamCache:
         self.v: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
         self.slot_blocks: list[int] = []  # block index held by each slot, in buffer order
         self.block: Optional[Block] = None
-        self.read_rope: dict[str, RopeTable] = {}
         self._slot: Optional[int] = None
         self._filled = 0
         self._visible: list[bool] = []
@@ -76,7 +91,7 @@ class StreamCache:
         self._reserved_slots = max(0, num_blocks - 1)
 
     # -- bookkeeping shared by all layers ----------------------------------------------------
-    def begin_block(self, block: Block) -> None:
+    def begin_block(self, block: Block) -> BlockView:
         """Choose where this block's K/V go; call once before the block's forward passes.
 
         A block older than the newest (a re-cache after a prompt switch) reuses its own slot and
@@ -87,7 +102,7 @@ class StreamCache:
         self._masks = {}
         if block.index == 0:
             self._slot, self._filled, self._visible = None, 0, []
-            return
+            return self.view()
         j = block.index - 1
         cap = self.policy.max_slots
         self._slot = j if cap is None else j % cap
@@ -100,6 +115,12 @@ class StreamCache:
         self.slot_blocks[self._slot] = block.index
         self._filled = sum(1 for b in self.slot_blocks if b >= 0)
         self._visible = [b <= block.index for b in self.slot_blocks[: self._filled]]
+        return self.view()
+
+    def view(self) -> BlockView:
+        """The current block's view (see `begin_block`)."""
+        return BlockView(self.block, self._slot, tuple(self.visible_blocks()),
+                         self.policy.rebase_shift(self.head), self.policy.rebase_rope)
 
     def write_range(self, kind: str) -> tuple[int, int]:
         if self._slot is None:
@@ -166,8 +187,6 @@ class StreamCache:
             vals = torch.cat([vb[:, :s], v.to(vb.dtype), vb[:, e:n]], 1)
         else:
             keys, vals = kb[:, :n], vb[:, :n]
-        if kind in self.read_rope:
-            keys = apply_rope(keys, self.read_rope[kind])
         return keys, vals, self.key_mask(kind)
 
     def nbytes(self) -> int:

@@ -58,19 +58,19 @@ def run(args) -> int:
     from .embedded import DefaultModel, load_default, random_model
     from .layout import make_clip, make_layout
     from .live import LiveWriter
-    from .sampling import Sampler, StreamSpec
+    from .sampling import Sampler
 
     d = (DefaultModel(random_model("tiny"), None, None, make_layout("v2"), 128, False) if args.random
          else load_default(args.assets))
     height, width = args.height or d.size, args.width or d.size
     out = Path(args.out)
-    clip = make_clip(d.layout, height, width, seconds=args.seconds)
+    clip = make_clip(d.layout, height, width, seconds=args.seconds, seed=args.seed)
     text = d.text(args.prompt)
     t = clip.layout.time
     writer = LiveWriter(out, t.fps, t.audio_sample_rate, width, height)
     streamer = streamer_for(d, writer, t)
     policy = CachePolicy(window=args.window or None)
-    sampler = Sampler(d.model, StreamSpec.from_clip(clip, seed=args.seed), text, policy=policy)
+    sampler = Sampler(d.model, clip, text, policy=policy)
     what = "trained toy student" if d.trained else "random tiny model"
     print(f"streaming {clip.seconds:.0f} s of {width}x{height} audio+video ({clip.num_blocks} blocks, "
           f"embedded {what}) into {out}/  prompt: '{args.prompt}'")

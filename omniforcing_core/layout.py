@@ -31,14 +31,8 @@ class CodecTime:
         """Decoded frames of `n_latents` latents (1 + stride * (n - 1))."""
         return 0 if n_latents <= 0 else 1 + self.stride * (n_latents - 1)
 
-    def latent_frame_span(self, latent: int) -> tuple[int, int]:
-        """Frames [start, end) held by one latent (the causal fix clamps latent 0 to frame 0)."""
-        if latent == 0:
-            return 0, 1
-        return self.stride * (latent - 1) + 1, self.stride * latent + 1
-
     def latent_bounds_frames(self, latent: int) -> tuple[int, int]:
-        """The [start, end) frame bounds LTX-2 RoPE uses: max(0, s*l - s + 1), s*l + 1."""
+        """Frames [start, end) held by one latent, as LTX-2 RoPE bounds them: max(0, s*l - s + 1), s*l + 1."""
         return max(0, self.stride * latent - self.stride + 1), self.stride * latent + 1
 
     def latent_time(self, latent: int) -> float:
@@ -47,7 +41,7 @@ class CodecTime:
         return (s + e) / 2.0 / self.frame_rate
 
     def latent_of_frame(self, frame: int) -> int:
-        """The latent holding decoded frame `frame` (inverse of `latent_frame_span`)."""
+        """The latent holding decoded frame `frame` (inverse of `latent_bounds_frames`)."""
         return 0 if frame <= 0 else (frame - 1) // self.stride + 1
 
 
@@ -230,10 +224,6 @@ class BlockLayout:
     def seconds_for_blocks(self, num_blocks: int) -> float:
         return self.block_t_end(num_blocks - 1)
 
-    def video_tokens_per_latent(self, height: int, width: int) -> int:
-        h, w = self.time.latent_grid(height, width)
-        return h * w
-
 
 def make_layout(kind: str = "v2", num_sinks: int = 0, time: TimeBase = DEFAULT_TIME) -> BlockLayout:
     """The two layouts in the wild. `num_sinks` only makes sense with `prefix`."""
@@ -253,12 +243,15 @@ def make_layout(kind: str = "v2", num_sinks: int = 0, time: TimeBase = DEFAULT_T
 
 @dataclass(frozen=True)
 class Clip:
-    """A finite clip: a layout, a spatial size and a number of blocks."""
+    """What to generate: a layout, a frame size, a number of blocks (None: until the consumer stops),
+    the seed and the batch size (batch item i draws the noise of seed + i)."""
 
     layout: BlockLayout
     height: int
     width: int
-    num_blocks: int
+    num_blocks: Optional[int]
+    seed: int = 0
+    batch: int = 1
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -269,13 +262,18 @@ class Clip:
         h, w = self.grid
         return h * w
 
+    def _finite(self) -> int:
+        if self.num_blocks is None:
+            raise LayoutError("this clip is open-ended (num_blocks=None); give a length in seconds or blocks")
+        return self.num_blocks
+
     @property
     def video_latents(self) -> int:
-        return self.layout.latents_for_blocks(self.num_blocks)[0]
+        return self.layout.latents_for_blocks(self._finite())[0]
 
     @property
     def audio_latents(self) -> int:
-        return self.layout.latents_for_blocks(self.num_blocks)[1]
+        return self.layout.latents_for_blocks(self._finite())[1]
 
     @property
     def num_frames(self) -> int:
@@ -283,22 +281,26 @@ class Clip:
 
     @property
     def seconds(self) -> float:
-        return self.layout.seconds_for_blocks(self.num_blocks)
+        return self.layout.seconds_for_blocks(self._finite())
 
-    def blocks(self) -> list[Block]:
-        return list(self.layout.iter_blocks(self.num_blocks))
+    def blocks(self) -> Iterator[Block]:
+        return self.layout.iter_blocks(self.num_blocks)
 
-    def video_shape(self, batch: int = 1) -> tuple[int, ...]:
+    def video_shape(self, block: Optional[Block] = None) -> tuple[int, ...]:
+        """Latent shape of one block's video, or of the whole clip's."""
         h, w = self.grid
-        return (batch, self.layout.time.latent_channels, self.video_latents, h, w)
+        n = self.video_latents if block is None else block.video_len
+        return (self.batch, self.layout.time.latent_channels, n, h, w)
 
-    def audio_shape(self, batch: int = 1) -> tuple[int, ...]:
+    def audio_shape(self, block: Optional[Block] = None) -> tuple[int, ...]:
         t = self.layout.time
-        return (batch, t.audio_channels, self.audio_latents, t.audio_mel_bins)
+        n = self.audio_latents if block is None else block.audio_len
+        return (self.batch, t.audio_channels, n, t.audio_mel_bins)
 
 
 def make_clip(layout: BlockLayout, height: int, width: int, *, seconds: Optional[float] = None,
-              num_frames: Optional[int] = None, num_blocks: Optional[int] = None) -> Clip:
+              num_frames: Optional[int] = None, num_blocks: Optional[int] = None, seed: int = 0,
+              batch: int = 1) -> Clip:
     """Validate a requested size/length and return the clip, or raise a LayoutError that says the fix."""
     layout.time.latent_grid(height, width)
     given = [x is not None for x in (seconds, num_frames, num_blocks)]
@@ -312,14 +314,12 @@ def make_clip(layout: BlockLayout, height: int, width: int, *, seconds: Optional
         if num_blocks < 1:
             raise LayoutError(f"num_blocks={num_blocks} must be >= 1; nearest valid is 1")
         n = num_blocks
-    return Clip(layout, height, width, n)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+    if batch < 1:
+        raise LayoutError(f"batch={batch} must be >= 1")
+    return Clip(layout, height, width, n, seed, batch)
 
 
 __all__ = [
     "LayoutError", "CodecTime", "TimeBase", "DEFAULT_TIME", "Block", "BlockLayout", "make_layout",
-    "Clip", "make_clip", "ceil_div",
+    "Clip", "make_clip",
 ]

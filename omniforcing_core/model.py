@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import StreamCache
+from .cache import BlockView, StreamCache
 from .config import ModelConfig
 from .layers import (AdaLayerNormSingle, Attention, AttentionFn, FeedForward, TextProjection, _param, gated,
                      modulate, rms, sdpa_attention)
@@ -52,12 +52,47 @@ class Ropes:
                                                     self.audio_cross)))
 
 
-class ModalityRunner:
-    """Runs the independent video and audio halves of a layer one after the other, or on two CUDA
-    streams at once (the paper's asymmetric parallel inference). Same result either way."""
+@dataclass(frozen=True)
+class Runtime:
+    """How to run the weights, kept apart from them: the attention kernel, the compute dtype (None:
+    the model's), and whether the video and audio halves of a layer run on two CUDA streams at once
+    (the paper's asymmetric parallel inference; a no-op on CPU, same result either way)."""
 
-    def __init__(self, streams=None):
-        self.streams = streams  # None or (video_stream, audio_stream)
+    attn_fn: AttentionFn = sdpa_attention
+    compute_dtype: Optional[torch.dtype] = None
+    parallel_modalities: bool = False
+
+    def dtype_of(self, model: "OmniForcingTransformer") -> torch.dtype:
+        return self.compute_dtype or model.dtype
+
+
+_STREAMS: dict = {}  # device -> (video stream, audio stream), made once
+
+
+def _pair_streams(rt: Runtime, device: torch.device):
+    if not rt.parallel_modalities or device.type != "cuda":
+        return None
+    if device not in _STREAMS:
+        _STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _STREAMS[device]
+
+
+@dataclass
+class BlockRopes:
+    """The RoPE tables of one cached block: its queries' (and, with absolute positions, its keys'),
+    and with `rebase_rope` the tables of every visible key, applied when the cache is read."""
+
+    own: Ropes
+    read: Optional[Ropes] = None
+
+
+class _Attention:
+    """What a layer needs to attend: the kernel, the ropes, where keys come from, and how the two
+    modalities' halves run (one after the other, or on two CUDA streams)."""
+
+    def __init__(self, runtime: Runtime, device: torch.device):
+        self.attn_fn = runtime.attn_fn
+        self.streams = _pair_streams(runtime, device)
 
     def pair(self, fv, xv, fa, xa):
         if self.streams is None:
@@ -77,29 +112,33 @@ class ModalityRunner:
         return ov, oa
 
 
-class FullAttention(ModalityRunner):
+class FullAttention(_Attention):
     """Whole sequence: rotate keys, attend under the block-causal mask (or none)."""
 
-    def __init__(self, masks: Optional[Masks], ropes: Ropes, attn_fn: AttentionFn, streams=None):
-        super().__init__(streams)
-        self.masks, self.ropes, self.attn_fn = masks, ropes, attn_fn
+    def __init__(self, masks: Optional[Masks], ropes: Ropes, runtime: Runtime, device):
+        super().__init__(runtime, device)
+        self.masks, self.ropes = masks, ropes
 
     def keys(self, layer: int, kind: str, k, v):
         mask = None if self.masks is None else self.masks.get(kind)
         return apply_rope(k, self.ropes.key(kind)), v, mask
 
 
-class CachedAttention(ModalityRunner):
+class CachedAttention(_Attention):
     """One block: write K/V into the stream cache and attend to all it holds (no mask needed)."""
 
-    def __init__(self, cache: StreamCache, ropes: Ropes, attn_fn: AttentionFn, streams=None):
-        super().__init__(streams)
-        self.cache, self.ropes, self.attn_fn = cache, ropes, attn_fn
+    def __init__(self, cache: StreamCache, ropes: BlockRopes, runtime: Runtime, device):
+        super().__init__(runtime, device)
+        self.cache, self.ropes, self.block_ropes = cache, ropes.own, ropes
 
     def keys(self, layer: int, kind: str, k, v):
-        if kind not in self.cache.read_rope:  # absolute positions: store rotated keys
+        read = self.block_ropes.read
+        if read is None:  # absolute positions: store rotated keys
             k = apply_rope(k, self.ropes.key(kind))
-        return self.cache.update(layer, kind, k, v)
+        k, v, mask = self.cache.update(layer, kind, k, v)
+        if read is not None:  # re-based positions: rotate every visible key now
+            k = apply_rope(k, read.key(kind))
+        return k, v, mask
 
 
 @dataclass
@@ -141,20 +180,15 @@ class DualStreamBlock(nn.Module):
         """This layer's text cross-attention K/V (a method of its own so FSDP can gather the block for it)."""
         return self.attn2.key_value(video_text), self.audio_attn2.key_value(audio_text)
 
-    def _self(self, attn: Attention, x, kind, layer, ctx, tpf):
-        q = attn.query(x, ctx.ropes.query(kind))
-        k, v = attn.key_value(x)
+    def _attend(self, attn: Attention, xq, xkv, kind, layer, ctx):
+        """Self (xkv is xq) or cross-modal attention with positions; keys go through `ctx` (cache or mask)."""
+        q = attn.query(xq, ctx.ropes.query(kind))
+        k, v = attn.key_value(xkv)
         k, v, mask = ctx.keys(layer, kind, k, v)
         return attn.output(q, k, v, mask, ctx.attn_fn)
 
     def _text(self, attn: Attention, x, kv, mask, ctx):
         return attn.output(attn.query(x, None), kv[0], kv[1], mask, ctx.attn_fn)
-
-    def _cross(self, attn: Attention, xq, xkv, kind, layer, ctx):
-        q = attn.query(xq, ctx.ropes.query(kind))
-        k, v = attn.key_value(xkv)
-        k, v, mask = ctx.keys(layer, kind, k, v)
-        return attn.output(q, k, v, mask, ctx.attn_fn)
 
     def forward(self, xv, xa, c: Conditioning, text: TextKV, layer: int, ctx):
         dt, tpf, eps = xv.dtype, c.tpf, self.eps
@@ -163,12 +197,12 @@ class DualStreamBlock(nn.Module):
 
         def video_attn(xv):
             h = modulate(rms(xv, eps), v_sh, v_sc, tpf)
-            xv = xv + gated(self._self(self.attn1, h, "video_self", layer, ctx, tpf), v_g, tpf)
+            xv = xv + gated(self._attend(self.attn1, h, h, "video_self", layer, ctx), v_g, tpf)
             return xv + self._text(self.attn2, rms(xv, eps), text.video[layer], text.mask, ctx)
 
         def audio_attn(xa):
             h = modulate(rms(xa, eps), a_sh, a_sc, 1)
-            xa = xa + a_g * self._self(self.audio_attn1, h, "audio_self", layer, ctx, 1)
+            xa = xa + a_g * self._attend(self.audio_attn1, h, h, "audio_self", layer, ctx)
             return xa + self._text(self.audio_attn2, rms(xa, eps), text.audio[layer], text.mask, ctx)
 
         xv, xa = ctx.pair(video_attn, xv, audio_attn, xa)
@@ -182,12 +216,12 @@ class DualStreamBlock(nn.Module):
         gate_a2v, gate_v2a = tv[4] + c.v_gate, ta[4] + c.a_gate
 
         def a2v(xv):
-            out = self._cross(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
+            out = self._attend(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
                               modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
             return xv + gated(out, gate_a2v, tpf)
 
         def v2a(xa):
-            out = self._cross(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
+            out = self._attend(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
                               modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
             return xa + gate_v2a * out
 
@@ -208,10 +242,6 @@ class OmniForcingTransformer(nn.Module):
         ops = operations or default_ops
         cfg = self.config = config
         self.time = time
-        self.attn_fn: AttentionFn = sdpa_attention
-        self.compute_dtype: Optional[torch.dtype] = None  # None: the dtype of the weights
-        self.parallel_modalities = False  # run video and audio halves on two CUDA streams
-        self._streams = None
         dv, da = cfg.video_dim, cfg.audio_dim
         kw = dict(dtype=dtype, device=device)
         self.patchify_proj = ops.Linear(cfg.in_channels, dv, **kw)
@@ -239,8 +269,8 @@ class OmniForcingTransformer(nn.Module):
     # -- helpers ---------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        if self.compute_dtype is not None:
-            return self.compute_dtype
+        """The dtype it computes in by default: its tables' (the loader stores every non-Linear
+        tensor in the compute dtype; Linear weights may be stored narrower, e.g. fp8)."""
         return self.scale_shift_table.dtype
 
     @property
@@ -258,27 +288,20 @@ class OmniForcingTransformer(nn.Module):
                              if self.num_sinks else
                              f"the layout has {layout.num_sinks} sink tokens but the model has none; use num_sinks=0")
 
-    def _modality_streams(self):
-        if not self.parallel_modalities or self.device.type != "cuda":
-            return None  # a no-op on CPU
-        if self._streams is None or self._streams[0].device != self.device:
-            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
-        return self._streams
-
     # -- text ------------------------------------------------------------------------------------
-    def encode_text(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def encode_text(self, features: torch.Tensor, mask: Optional[torch.Tensor] = None, runtime: Runtime = Runtime()):
         """Raw (aggregated) Gemma features [B, L, 3840] -> (video_context, audio_context) via the connectors."""
         if self.config.connectors is None:
             raise ValueError("this model has no text connectors; pass contexts that already went through them "
                              "(ComfyUI's LTX-2 text encoder output) or load a checkpoint with "
                              "video_embeddings_connector.* keys")
-        x = features.to(self.dtype)
+        x = features.to(runtime.dtype_of(self))
         return self.video_embeddings_connector(x, mask), self.audio_embeddings_connector(x, mask)
 
     def text_kv(self, video_context: torch.Tensor, audio_context: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> TextKV:
+                mask: Optional[torch.Tensor] = None, runtime: Runtime = Runtime()) -> TextKV:
         """Project the text once per prompt and compute every layer's cross-attention K/V."""
-        dt = self.dtype
+        dt = runtime.dtype_of(self)
         pv = self.caption_projection(video_context.to(self.device, dt))
         pa = self.audio_caption_projection(audio_context.to(self.device, dt))
         video, audio = zip(*(blk.text_key_values(pv, pa) for blk in self.transformer_blocks))
@@ -304,27 +327,21 @@ class OmniForcingTransformer(nn.Module):
     def _block_ropes(self, b: Block, grid_hw) -> Ropes:
         return self.ropes_for(range(b.video_start, b.video_end), range(b.audio_start, b.audio_end), grid_hw, b.sinks)
 
-    def prepare_block(self, cache: StreamCache, block: Block, grid_hw: tuple[int, int]) -> Ropes:
-        """Start a block in the cache; returns its query ropes (and sets re-based read ropes)."""
-        cache.begin_block(block)
+    def prepare_block(self, cache: StreamCache, block: Block, grid_hw: tuple[int, int]) -> BlockRopes:
+        """Start a block in the cache and build its RoPE tables from the cache's view of it."""
+        view: BlockView = cache.begin_block(block)
         layout = cache.layout
-        shift = cache.policy.rebase_shift(cache.head)
-        pos_block = layout.block(block.index - shift) if block.index else block
-        ropes = self._block_ropes(pos_block, grid_hw)
-        cache.read_rope = {}
-        if cache.policy.rebase_rope:
-            parts = [self._block_ropes(layout.block(j - shift if j else 0), grid_hw) for j in cache.visible_blocks()]
-            cache.read_rope = {
-                "video_self": cat_tables([p.video_self for p in parts]),
-                "audio_self": cat_tables([p.audio_self for p in parts]),
-                "a2v": cat_tables([p.audio_cross for p in parts]),
-                "v2a": cat_tables([p.video_cross for p in parts]),
-            }
-        return ropes
+        own = self._block_ropes(layout.block(view.position_block(block.index)), grid_hw)
+        if not view.rebase_rope:
+            return BlockRopes(own)
+        parts = [self._block_ropes(layout.block(view.position_block(j)), grid_hw) for j in view.visible]
+        read = Ropes(*(cat_tables([getattr(p, f) for p in parts])
+                       for f in ("video_self", "audio_self", "video_cross", "audio_cross")))
+        return BlockRopes(own, read)
 
     # -- forward -----------------------------------------------------------------------------------
-    def _conditioning(self, video_sigma, audio_sigma, sinks: int, tpf: int) -> Conditioning:
-        cfg, dt = self.config, self.dtype
+    def _conditioning(self, video_sigma, audio_sigma, sinks: int, tpf: int, dt: torch.dtype) -> Conditioning:
+        cfg = self.config
         if sinks:  # sink tokens take the first audio frame's timestep
             audio_sigma = torch.cat([audio_sigma[:, :1].expand(-1, sinks), audio_sigma], 1)
         ts, ca = cfg.timestep_scale_multiplier, cfg.av_ca_timestep_scale_multiplier
@@ -347,17 +364,16 @@ class OmniForcingTransformer(nn.Module):
             raise ValueError(f"sigma shape {tuple(sigma.shape)} does not match [B={b}, frames={n}]")
         return sigma.float()
 
-    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int):
+    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype):
         b, c, f, h, w = video.shape
         t_a = audio.shape[2]
-        dt = self.dtype
         vs = self._frame_sigmas(video_sigma, b, f, video.device)
         as_ = self._frame_sigmas(audio_sigma, b, t_a, video.device)
         xv = self.patchify_proj(video.to(dt).permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
         xa = self.audio_patchify_proj(audio.to(dt).permute(0, 2, 1, 3).reshape(b, t_a, -1))
         if sinks:
             xa = torch.cat([self.audio_sink_tokens.to(dt).expand(b, -1, -1), xa], 1)
-        cond = self._conditioning(vs, as_, sinks, h * w)
+        cond = self._conditioning(vs, as_, sinks, h * w, dt)
         for i, blk in enumerate(self.transformer_blocks):
             xv, xa = blk(xv, xa, cond, text, i, ctx)
         eps = self.config.norm_eps
@@ -370,7 +386,7 @@ class OmniForcingTransformer(nn.Module):
         return yv, ya
 
     def forward(self, video, audio, video_sigma, audio_sigma, text: TextKV,
-                layout: Optional[BlockLayout] = None, window: Optional[int] = None):
+                layout: Optional[BlockLayout] = None, window: Optional[int] = None, runtime: Runtime = Runtime()):
         """Whole sequence. With a layout: block-causal masks (reference path); None: bidirectional.
         `window` hides blocks older than that many blocks before each query's, except the sink block."""
         f, t_a = video.shape[2], audio.shape[2]
@@ -381,18 +397,18 @@ class OmniForcingTransformer(nn.Module):
             self.check_layout(layout)
             masks = cached_masks(layout, f, t_a, grid[0] * grid[1], str(video.device), window)
         ropes = self.ropes_for(range(f), range(t_a), grid, sinks)
-        ctx = FullAttention(masks, ropes, self.attn_fn, self._modality_streams())
-        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, sinks)
+        ctx = FullAttention(masks, ropes, runtime, self.device)
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, sinks, runtime.dtype_of(self))
 
     def forward_block(self, video, audio, video_sigma, audio_sigma, text: TextKV, cache: StreamCache,
-                      ropes: Ropes):
+                      ropes: BlockRopes, runtime: Runtime = Runtime()):
         """One block (the one `prepare_block` started) against the stream cache."""
         blk = cache.block
         if video.shape[2] != blk.video_len or audio.shape[2] != blk.audio_len:
             raise ValueError(f"block {blk.index} holds {blk.video_len} video / {blk.audio_len} audio latents, "
                              f"got {video.shape[2]} / {audio.shape[2]}")
-        ctx = CachedAttention(cache, ropes, self.attn_fn, self._modality_streams())
-        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks)
+        ctx = CachedAttention(cache, ropes, runtime, self.device)
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks, runtime.dtype_of(self))
 
     def new_cache(self, layout: BlockLayout, grid_hw: tuple[int, int], policy=None, batch: int = 1,
                   dtype: Optional[torch.dtype] = None) -> StreamCache:
@@ -402,45 +418,3 @@ class OmniForcingTransformer(nn.Module):
         dims = {"video_self": cfg.video_dim, "audio_self": cfg.audio_dim, "a2v": cfg.cross_dim, "v2a": cfg.cross_dim}
         return StreamCache(cfg.num_layers, layout, grid_hw[0] * grid_hw[1], dims, policy or CachePolicy(), batch,
                            self.device, dtype or self.dtype)
-
-
-def adopt_modules(ours: nn.Module, theirs: nn.Module) -> list[str]:
-    """Make `ours` use the weight-holding submodules and parameters of `theirs` (same LTX-2 names),
-    so a host's already-loaded model (with its offloading, casting and LoRA patches) is shared,
-    not copied. Only modules that own parameters directly are taken. Returns the adopted names."""
-    taken = []
-    their_mods = dict(theirs.named_modules())
-    for name, mod in list(ours.named_modules()):
-        direct = dict(mod.named_parameters(recurse=False))
-        if not name or not direct:
-            continue
-        if name not in their_mods:
-            raise KeyError(f"the host model has no module '{name}'")
-        other = their_mods[name]
-        if isinstance(mod, (nn.Linear, nn.RMSNorm)):
-            for pn, p in direct.items():
-                op = getattr(other, pn, None)
-                if op is not None and tuple(op.shape) != tuple(p.shape):
-                    raise ValueError(f"'{name}.{pn}': host shape {tuple(op.shape)} != {tuple(p.shape)}")
-            parent_name, _, leaf = name.rpartition(".")
-            parent = ours.get_submodule(parent_name) if parent_name else ours
-            if isinstance(parent, nn.ModuleList):
-                parent[int(leaf)] = other
-            else:
-                setattr(parent, leaf, other)
-            taken.append(name)
-        else:  # raw tables (scale_shift_table, sinks, registers): share the Parameter objects
-            for pn, p in direct.items():
-                op = getattr(other, pn)
-                if tuple(op.shape) != tuple(p.shape):
-                    raise ValueError(f"'{name}.{pn}': host shape {tuple(op.shape)} != {tuple(p.shape)}")
-                setattr(mod, pn, op)
-            taken.append(name)
-    # top-level raw parameters (scale_shift_table, audio_scale_shift_table, audio_sink_tokens)
-    for pn, p in list(ours.named_parameters(recurse=False)):
-        op = getattr(theirs, pn)
-        if tuple(op.shape) != tuple(p.shape):
-            raise ValueError(f"'{pn}': host shape {tuple(op.shape)} != {tuple(p.shape)}")
-        setattr(ours, pn, op)
-        taken.append(pn)
-    return taken

@@ -1,26 +1,30 @@
 """Block-causal few-step sampling: streaming, offline, and the masked full-sequence reference.
 
-Per block (the official loop): fresh noise; for each sigma predict x0 = x_t - sigma * v (float32)
-and re-noise to the next sigma with fresh noise; the last prediction is the block; then the clean
-block (re-noised to the context sigma, 0 by default) is run once more so every cache of that block
-holds K/V of clean context. Three backends share this loop:
-  * `CachedBackend`  - one block against the KV cache (inference; rolling window optional);
-  * `PrefixBackend`  - re-runs the whole prefix with block-causal masks every call (the paper's
-                       v1 approach and the slow reference the other paths are tested against).
-`stream` yields each finished block; `generate` collects the stream.
+`Sampler.run_block` is the whole per-block loop (the official one): fresh noise; at each sigma
+predict x0 = x_t - sigma * v and re-noise to the next sigma with fresh noise; the last x0 is the
+block; then the clean block is run once more so every cache holds K/V of clean context. Where the
+model's attention comes from is a `Backend`:
+  * `CachedBackend`  - the block against the KV cache (inference; rolling window optional);
+  * `PrefixBackend`  - the whole prefix under the block-causal masks at every call (the paper's v1
+                       approach, and the slow reference the cached path is tested against).
+`stream` yields each finished block; `generate` collects the stream; `generate_reference` runs it
+on the prefix backend.
 """
 from __future__ import annotations
 
 import time as _time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Union
 
 import torch
 
 from .cache import CachePolicy, StreamCache
-from .layout import Block, BlockLayout, Clip
-from .model import OmniForcingTransformer
+from .flow import noisy, predict_x0
+from .layout import Block, Clip
+from .modality import AV
+from .model import OmniForcingTransformer, Runtime
 from .noise import CONTEXT_STEP, block_noise
+from .prompts import PromptTimeline
 from .schedule import Schedule, make_schedule
 from .text import TextKV
 
@@ -33,39 +37,9 @@ class Guidance:
     video_scale: float = 3.0
     audio_scale: float = 5.0
 
-
-@dataclass(frozen=True)
-class PromptSegment:
-    start_s: float
-    text: TextKV
-    label: str = ""
-
-
-@dataclass
-class PromptSchedule:
-    """Prompts switched at block boundaries: a block uses the last segment starting at or before it.
-    `recache` re-encodes the cached window under the new prompt (LongLive-style) at a switch."""
-
-    segments: list[PromptSegment]
-    recache: bool = False
-
-    def __post_init__(self):
-        if not self.segments:
-            raise ValueError("a prompt schedule needs at least one prompt")
-        self.segments = sorted(self.segments, key=lambda s: s.start_s)
-        if self.segments[0].start_s > 0:
-            raise ValueError(f"the first prompt starts at {self.segments[0].start_s}s; one must start at 0s")
-
-    def index_at(self, t: float) -> int:
-        i = 0
-        for j, s in enumerate(self.segments):
-            if s.start_s <= t + 1e-9:
-                i = j
-        return i
-
-    @classmethod
-    def single(cls, text: TextKV) -> "PromptSchedule":
-        return cls([PromptSegment(0.0, text)])
+    @property
+    def scale(self) -> AV:
+        return AV(self.video_scale, self.audio_scale)
 
 
 @dataclass
@@ -87,62 +61,59 @@ class BlockResult:
         return self.block.t_end
 
 
-@dataclass
-class StreamSpec:
-    """What to generate. `num_blocks=None` streams until the consumer stops."""
-
-    layout: BlockLayout
-    height: int
-    width: int
-    num_blocks: Optional[int]
-    seed: int = 0
-    batch: int = 1
-
-    @classmethod
-    def from_clip(cls, clip: Clip, seed: int = 0, batch: int = 1) -> "StreamSpec":
-        return cls(clip.layout, clip.height, clip.width, clip.num_blocks, seed, batch)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.layout.time.latent_grid(self.height, self.width)
-
-    def video_block_shape(self, b: Block) -> tuple[int, ...]:
-        h, w = self.grid
-        return (self.batch, self.layout.time.latent_channels, b.video_len, h, w)
-
-    def audio_block_shape(self, b: Block) -> tuple[int, ...]:
-        t = self.layout.time
-        return (self.batch, t.audio_channels, b.audio_len, t.audio_mel_bins)
-
-
 # -- backends ---------------------------------------------------------------------------------------
 
-class CachedBackend:
-    """Inference: the current block against the KV cache."""
+class Backend(Protocol):
+    """Where a block's attention context comes from."""
 
-    def __init__(self, model: OmniForcingTransformer, spec: StreamSpec, policy: CachePolicy, batch: int):
-        self.model = model
-        self.cache: StreamCache = model.new_cache(spec.layout, spec.grid, policy, batch)
-        if spec.num_blocks is not None and policy.window is None:
-            self.cache.reserve(spec.num_blocks)
-        self.grid = spec.grid
+    def begin(self, block: Block) -> None:
+        """Start a block (before its denoising calls)."""
+
+    def velocity(self, x: AV, sigma: AV, text: TextKV) -> AV:
+        """The model's velocity for the current block's latents."""
+
+    def commit(self, block: Block, x: AV, sigma: AV, text: TextKV) -> None:
+        """Make the finished block context for later blocks."""
+
+    def switch_prompt(self, text: TextKV) -> None:
+        """A new prompt takes over (optionally re-encode the history under it)."""
+
+    def nbytes(self) -> int:
+        """Bytes of attention state held."""
+
+
+class CachedBackend:
+    """Inference: the current block against the KV cache. It keeps the clean context latents of the
+    blocks still in its cache, so a prompt switch can re-encode them (LongLive-style re-cache)."""
+
+    def __init__(self, model: OmniForcingTransformer, clip: Clip, policy: CachePolicy = CachePolicy(),
+                 batch: Optional[int] = None, runtime: Runtime = Runtime()):
+        self.model, self.runtime, self.grid = model, runtime, clip.grid
+        self.cache: StreamCache = model.new_cache(clip.layout, clip.grid, policy, batch or clip.batch,
+                                                  dtype=runtime.dtype_of(model))
+        if clip.num_blocks is not None and policy.window is None:
+            self.cache.reserve(clip.num_blocks)
         self.ropes = None
+        self.history: dict[int, tuple] = {}  # block index -> (block, x, sigma) of its clean context
 
     def begin(self, block: Block) -> None:
         self.ropes = self.model.prepare_block(self.cache, block, self.grid)
 
-    def velocity(self, xv, xa, sv, sa, text: TextKV):
-        return self.model.forward_block(xv, xa, sv, sa, text, self.cache, self.ropes)
+    def velocity(self, x: AV, sigma: AV, text: TextKV) -> AV:
+        return AV(*self.model.forward_block(x.video, x.audio, sigma.video, sigma.audio, text, self.cache,
+                                            self.ropes, self.runtime))
 
-    def commit(self, block: Block, ctx_v, ctx_a, ctx_sv, ctx_sa, text: TextKV) -> None:
-        self.model.forward_block(ctx_v, ctx_a, ctx_sv, ctx_sa, text, self.cache, self.ropes)
+    def commit(self, block: Block, x: AV, sigma: AV, text: TextKV) -> None:
+        self.velocity(x, sigma, text)  # the forward writes the block's K/V; its output is not needed
+        self.history[block.index] = (block, x, sigma)
+        keep = set(self.cache.cached_blocks())
+        self.history = {k: v for k, v in self.history.items() if k in keep}
 
-    def recache(self, history: dict[int, tuple], text: TextKV) -> None:
-        """Re-encode every cached block (oldest first) under a new prompt."""
-        for j in self.cache.cached_blocks():
-            block, cv, ca, sv, sa = history[j]
+    def switch_prompt(self, text: TextKV) -> None:
+        for j in self.cache.cached_blocks():  # oldest first, each in its own slot
+            block, x, sigma = self.history[j]
             self.begin(block)
-            self.commit(block, cv, ca, sv, sa, text)
+            self.commit(block, x, sigma, text)
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
@@ -150,39 +121,40 @@ class CachedBackend:
 
 class PrefixBackend:
     """Reference: the whole prefix (clean history at the context sigma + the current block) under
-    the block-causal masks, every call. O(n^2) over a stream; no cache."""
+    the block-causal masks, every call. O(n^2) over a stream; no cache. A prompt switch needs no
+    re-cache: the prefix is re-encoded under the current prompt at every call anyway."""
 
-    def __init__(self, model: OmniForcingTransformer, spec: StreamSpec, window: Optional[int] = None):
-        self.model, self.layout, self.window = model, spec.layout, window
-        self.hist_v, self.hist_a = None, None  # context latents of finished blocks
-        self.hist_sv, self.hist_sa = None, None  # their per-frame sigmas
+    def __init__(self, model: OmniForcingTransformer, clip: Clip, window: Optional[int] = None,
+                 runtime: Runtime = Runtime()):
+        self.model, self.layout, self.window, self.runtime = model, clip.layout, window, runtime
+        self.hist: Optional[AV] = None  # context latents of finished blocks
+        self.hist_sigma: Optional[AV] = None  # their per-frame sigmas
 
     def begin(self, block: Block) -> None:
         pass
 
-    def _cat(self, a, b, dim):
-        return b if a is None else torch.cat([a, b], dim)
+    def _with_history(self, x: AV, sigma: AV) -> tuple[AV, AV]:
+        sigma = x.zip(sigma, lambda t, s: _per_frame(s, t.shape[0], t.shape[2]))
+        if self.hist is None:
+            return x, sigma
+        cat = lambda a, b: torch.cat([a, b.to(a.dtype)], -1 if a.dim() == 2 else 2)  # noqa: E731
+        return self.hist.zip(x, cat), self.hist_sigma.zip(sigma, cat)
 
-    def velocity(self, xv, xa, sv, sa, text: TextKV):
-        f, t = xv.shape[2], xa.shape[2]
-        v = self._cat(self.hist_v, xv.to(self.model.dtype), 2)
-        a = self._cat(self.hist_a, xa.to(self.model.dtype), 2)
-        svv = self._cat(self.hist_sv, _per_frame(sv, xv.shape[0], f), 1)
-        saa = self._cat(self.hist_sa, _per_frame(sa, xa.shape[0], t), 1)
-        ov, oa = self.model(v, a, svv, saa, text, self.layout, self.window)
-        return ov[:, :, -f:], oa[:, :, -t:]
+    def velocity(self, x: AV, sigma: AV, text: TextKV) -> AV:
+        full, full_sigma = self._with_history(x.map(lambda t: t.to(self.runtime.dtype_of(self.model))), sigma)
+        v = AV(*self.model(full.video, full.audio, full_sigma.video, full_sigma.audio, text, self.layout,
+                           self.window, self.runtime))
+        return v.zip(x, lambda out, cur: out[:, :, -cur.shape[2]:])
 
-    def commit(self, block: Block, ctx_v, ctx_a, ctx_sv, ctx_sa, text: TextKV) -> None:
-        self.hist_v = self._cat(self.hist_v, ctx_v.to(self.model.dtype), 2)
-        self.hist_a = self._cat(self.hist_a, ctx_a.to(self.model.dtype), 2)
-        self.hist_sv = self._cat(self.hist_sv, _per_frame(ctx_sv, ctx_v.shape[0], ctx_v.shape[2]), 1)
-        self.hist_sa = self._cat(self.hist_sa, _per_frame(ctx_sa, ctx_a.shape[0], ctx_a.shape[2]), 1)
+    def commit(self, block: Block, x: AV, sigma: AV, text: TextKV) -> None:
+        self.hist, self.hist_sigma = self._with_history(x.map(lambda t: t.to(self.runtime.dtype_of(self.model))),
+                                                        sigma)
 
-    def recache(self, history, text) -> None:
-        pass  # the prefix is re-encoded under the current prompt at every call anyway
+    def switch_prompt(self, text: TextKV) -> None:
+        pass
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.hist_v, self.hist_a) if t is not None)
+        return 0 if self.hist is None else sum(t.numel() * t.element_size() for t in self.hist)
 
 
 def _per_frame(sigma, b: int, n: int) -> torch.Tensor:
@@ -196,175 +168,157 @@ def _per_frame(sigma, b: int, n: int) -> torch.Tensor:
 
 # -- the loop ----------------------------------------------------------------------------------------
 
-class Sampler:
-    """Runs the per-block loop over a backend. One instance per stream (it holds the stream state)."""
+Prompts = Union[PromptTimeline, TextKV]
 
-    def __init__(self, model: OmniForcingTransformer, spec: StreamSpec, prompts: PromptSchedule | TextKV, *,
+
+class Sampler:
+    """Runs the per-block loop over a backend. One instance per stream (it holds the stream state).
+
+    `backend`: None runs against a KV cache with `policy`; pass a `PrefixBackend` for the reference.
+    `should_stop()` is asked after every step (a host's cancel); `on_step(block, step, steps)` drives
+    progress bars. `first_frame` ([B, 128, 1, h, w]) is held clean at sigma 0 (image -> A/V)."""
+
+    def __init__(self, model: OmniForcingTransformer, clip: Clip, prompts: Prompts, *,
                  schedule: Optional[Schedule] = None, policy: CachePolicy = CachePolicy(),
                  guidance: Optional[Guidance] = None, first_frame: Optional[torch.Tensor] = None,
-                 backend: str = "cached", should_stop: Optional[Callable[[], bool]] = None,
-                 on_step: Optional[Callable[[Block, int, int], None]] = None, exit_step: Optional[int] = None):
-        """`exit_step` (training, Self-Forcing): each block stops after that step and its x0 there is
-        the block; earlier steps run without gradient, the exit step in the caller's grad mode, and
-        the cache refresh without gradient on the detached block."""
-        model.check_layout(spec.layout)
-        self.model, self.spec = model, spec
-        self.prompts = prompts if isinstance(prompts, PromptSchedule) else PromptSchedule.single(prompts)
+                 backend: Optional[Backend] = None, runtime: Runtime = Runtime(),
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 on_step: Optional[Callable[[Block, int, int], None]] = None):
+        model.check_layout(clip.layout)
+        self.model, self.clip = model, clip
+        self.prompts = prompts if isinstance(prompts, PromptTimeline) else PromptTimeline.single(prompts)
+        self.prompts.validate()
         self.schedule = schedule or make_schedule()
         self.guidance = guidance
-        self.first_frame = first_frame
         if first_frame is not None:
-            exp = spec.video_block_shape(spec.layout.block(0))
-            if tuple(first_frame.shape[:2]) != exp[:2] or tuple(first_frame.shape[3:]) != exp[3:] or \
-                    first_frame.shape[2] != 1:
+            exp = clip.video_shape(clip.layout.block(0))
+            if tuple(first_frame.shape) != (exp[0], exp[1], 1, *exp[3:]):
                 raise ValueError(f"first_frame must be one latent frame of shape {(exp[0], exp[1], 1, *exp[3:])}, "
-                                 f"got {tuple(first_frame.shape)} (encode the image at {spec.width}x{spec.height})")
-        mult = 2 if guidance else 1
-        if backend == "cached":
-            self.backend = CachedBackend(model, spec, policy, spec.batch * mult)
-        elif backend == "prefix":
-            if policy.rebase_rope:
-                raise ValueError("the prefix (reference) backend uses absolute positions; rebase_rope needs 'cached'")
-            self.backend = PrefixBackend(model, spec, policy.window)
-        else:
-            raise ValueError(f"backend '{backend}' unknown; use 'cached' or 'prefix'")
-        self.policy = policy
-        if exit_step is not None and not 0 <= exit_step < self.schedule.steps:
-            raise ValueError(f"exit_step={exit_step} must lie in 0..{self.schedule.steps - 1}")
-        self.exit_step = exit_step
-        self.should_stop = should_stop
-        self.on_step = on_step  # (block, finished step index, steps per block) for progress bars
-        self._text_cache: dict[int, TextKV] = {}
-        self._history: dict[int, tuple] = {}  # clean context of blocks still in the cache (for re-caching)
+                                 f"got {tuple(first_frame.shape)} (encode the image at {clip.width}x{clip.height})")
+        self.first_frame = first_frame
+        self.backend: Backend = backend or CachedBackend(model, clip, policy, clip.batch * (2 if guidance else 1),
+                                                         runtime)
+        self.should_stop, self.on_step = should_stop, on_step
+        self._texts: dict[int, TextKV] = {}
         self._prompt_index = 0
         # latents, noise and x0 live in at least float32 (fp64 models stay fp64 for exactness tests)
-        self.work_dtype = torch.promote_types(model.dtype, torch.float32)
+        self.work_dtype = torch.promote_types(runtime.dtype_of(model), torch.float32)
 
-    # text (with the negative stacked for CFG) per prompt segment, built once
-    def _text(self, i: int) -> TextKV:
-        if i not in self._text_cache:
-            t = self.prompts.segments[i].text
-            self._text_cache[i] = t.cat(self.guidance.negative) if self.guidance else t
-        return self._text_cache[i]
-
-    def _dup(self, x):
-        return torch.cat([x, x]) if self.guidance else x
-
-    def _x0(self, x, vel, sigma):
-        """x0 = x_t - sigma * v in float32; CFG combines conditional and unconditional x0."""
-        dt = self.work_dtype
-        return x.to(dt) - _bcast(sigma, x).to(dt) * vel.to(dt)
-
-    def _guide(self, x0, scale):
-        if not self.guidance:
-            return x0
-        c, u = x0.chunk(2)
-        return u + scale * (c - u)
-
-    def run_block(self, block: Block) -> BlockResult:
-        spec, sched, dev = self.spec, self.schedule, self.model.device
-        t0 = _time.perf_counter()
-        pi = self.prompts.index_at(block.t_start) if block.index else 0
-        text = self._text(pi)
-        if pi != self._prompt_index:
-            self._prompt_index = pi
+    # -- the pieces of a block (also used by training rollouts) -------------------------------------
+    def prompt_for(self, block: Block) -> tuple[int, TextKV]:
+        """This block's prompt (negative stacked for CFG); at a switch the backend hears of it."""
+        i = self.prompts.index_for(block)
+        if i not in self._texts:
+            t = self.prompts.prompts[i].value
+            self._texts[i] = t.cat(self.guidance.negative) if self.guidance else t
+        if i != self._prompt_index:
+            self._prompt_index = i
             if self.prompts.recache:
-                self.backend.recache(self._history, text)
+                self.backend.switch_prompt(self._texts[i])
+        return i, self._texts[i]
+
+    def noise(self, block: Block, step: int) -> AV:
+        c, dev, dt = self.clip, self.model.device, self.work_dtype
+        return AV(block_noise(c.seed, block.index, "video", step, c.video_shape(block), dev, dt),
+                  block_noise(c.seed, block.index, "audio", step, c.audio_shape(block), dev, dt))
+
+    def sigmas(self, block: Block, sigma: float) -> AV:
+        """Per-frame video sigmas (0 for a given first frame) and per-sample audio sigmas."""
+        b, dev = self.clip.batch, self.model.device
+        video = torch.full((b, block.video_len), float(sigma), device=dev)
+        if self.first_frame is not None and block.index == 0:
+            video[:, 0] = 0.0
+        return AV(video, torch.full((b,), float(sigma), device=dev))
+
+    def _hold_first_frame(self, block: Block, x: AV) -> AV:
+        if self.first_frame is None or block.index:
+            return x
+        fixed = self.first_frame.to(x.video.device, x.video.dtype)
+        return AV(torch.cat([fixed, x.video[:, :, 1:]], 2), x.audio)
+
+    def predict(self, block: Block, x: AV, sigma: float, text: TextKV) -> AV:
+        """x0 of the block at noise level sigma (CFG when guided)."""
+        x = self._hold_first_frame(block, x)
+
+        def velocity(xx: AV, ss: AV) -> AV:
+            return self.backend.velocity(xx, ss, text)
+        x0 = predict_x0(velocity, x, self.sigmas(block, sigma), self.guidance.scale if self.guidance else None,
+                        self.work_dtype)
+        return self._hold_first_frame(block, x0)
+
+    def renoise(self, block: Block, x0: AV, step: int, sigma: float) -> AV:
+        return x0.zip(self.noise(block, step), lambda x, n: noisy(x, n, sigma))
+
+    def commit(self, block: Block, x0: AV, text: TextKV) -> None:
+        """Refresh the caches with the finished block at the context sigma (0: clean)."""
+        cs = self.schedule.context_sigma
+        ctx = x0.map(torch.Tensor.detach)
+        if cs > 0:
+            ctx = self.renoise(block, ctx, CONTEXT_STEP, cs)
+        sigma = self.sigmas(block, cs)
+        if self.guidance:
+            ctx, sigma = ctx.map(lambda t: torch.cat([t, t])), sigma.map(lambda t: torch.cat([t, t]))
+        self.backend.commit(block, ctx, sigma, text)
+
+    # -- the block loop --------------------------------------------------------------------------
+    def run_block(self, block: Block) -> BlockResult:
+        t0 = _time.perf_counter()
+        # 1. The prompt of this block (a switch may re-encode the cached history under it).
+        prompt_index, text = self.prompt_for(block)
+        # 2. Start the block in the backend: cache slot and positions.
         self.backend.begin(block)
-        seed, wd = spec.seed, self.work_dtype
-        vshape, ashape = spec.video_block_shape(block), spec.audio_block_shape(block)
-        xv = block_noise(seed, block.index, "video", 0, vshape, dev, wd)
-        xa = block_noise(seed, block.index, "audio", 0, ashape, dev, wd)
-        fixed = self.first_frame if block.index == 0 else None
-        sv_clean = torch.ones(spec.batch, block.video_len, device=dev)
-        if fixed is not None:
-            sv_clean[:, 0] = 0.0  # the given first latent is held clean at sigma 0
-            fixed = fixed.to(dev, self.work_dtype)
+        # 3. Few-step denoising: fresh noise, then at each sigma predict x0 and re-noise to the next.
+        x = self.noise(block, 0)
         step_ms = []
-        x0v = x0a = None
-        grad_mode = torch.is_grad_enabled()
-        for i, s in enumerate(sched.sigmas):
-            if self.exit_step is not None and i > self.exit_step:
-                break
+        for i, sigma in enumerate(self.schedule.sigmas):
             ts = _time.perf_counter()
-            if fixed is not None:
-                xv = torch.cat([fixed, xv[:, :, 1:]], 2)
-            sv = sv_clean * s
-            with torch.set_grad_enabled(grad_mode and (self.exit_step is None or i == self.exit_step)):
-                vv, va = self.backend.velocity(self._dup(xv), self._dup(xa), self._dup(sv),
-                                               torch.full((xa.shape[0] * (2 if self.guidance else 1),), s,
-                                                          device=dev), text)
-            x0v = self._guide(self._x0(self._dup(xv), vv, self._dup(sv)), self.guidance.video_scale if self.guidance else 1)
-            x0a = self._guide(self._x0(self._dup(xa), va, s), self.guidance.audio_scale if self.guidance else 1)
-            if fixed is not None:
-                x0v = torch.cat([fixed, x0v[:, :, 1:]], 2)
-            nxt = 0.0 if i == self.exit_step else sched.next_sigma(i)
+            x0 = self.predict(block, x, sigma, text)
+            nxt = self.schedule.next_sigma(i)
             if nxt > 0:
-                xv = (1 - nxt) * x0v + nxt * block_noise(seed, block.index, "video", i + 1, vshape, dev, wd)
-                xa = (1 - nxt) * x0a + nxt * block_noise(seed, block.index, "audio", i + 1, ashape, dev, wd)
+                x = self.renoise(block, x0, i + 1, nxt)
             step_ms.append((_time.perf_counter() - ts) * 1000)
             if self.on_step is not None:
-                self.on_step(block, i, sched.steps)
+                self.on_step(block, i, self.schedule.steps)
             if self.should_stop is not None and self.should_stop():
                 raise InterruptedError(f"stopped during block {block.index}")
+        # 4. Run the clean block once more so later blocks attend to clean K/V.
         tr = _time.perf_counter()
-        cs = sched.context_sigma
-        cv, ca = x0v.detach(), x0a.detach()
-        if cs > 0:
-            cv = (1 - cs) * x0v + cs * block_noise(seed, block.index, "video", CONTEXT_STEP, vshape, dev, wd)
-            ca = (1 - cs) * x0a + cs * block_noise(seed, block.index, "audio", CONTEXT_STEP, ashape, dev, wd)
-        csv = sv_clean * cs
-        csa = torch.full((ca.shape[0],), cs, device=dev)
-        ctx = (block, self._dup(cv), self._dup(ca), self._dup(csv), self._dup(csa))
-        with torch.set_grad_enabled(grad_mode and self.exit_step is None):
-            self.backend.commit(*ctx, text)
-        if self.prompts.recache and isinstance(self.backend, CachedBackend):
-            self._history[block.index] = ctx
-            keep = set(self.backend.cache.cached_blocks())
-            self._history = {k: v for k, v in self._history.items() if k in keep}
+        self.commit(block, x0, text)
         now = _time.perf_counter()
-        return BlockResult(block, x0v, x0a, pi, step_ms, (now - tr) * 1000, (now - t0) * 1000)
+        return BlockResult(block, x0.video, x0.audio, prompt_index, step_ms, (now - tr) * 1000, (now - t0) * 1000)
 
     def __iter__(self) -> Iterator[BlockResult]:
-        for block in self.spec.layout.iter_blocks(self.spec.num_blocks):
+        for block in self.clip.blocks():
             yield self.run_block(block)
 
     def cache_bytes(self) -> int:
         return self.backend.nbytes()
 
 
-def _bcast(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma scalar / [B] / [B, F] -> broadcastable to x [B, C, F, ...]."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    if s.dim() == 0:
-        return s
-    if s.dim() == 1:
-        return s.view(-1, *([1] * (x.dim() - 1)))
-    return s.view(s.shape[0], 1, s.shape[1], *([1] * (x.dim() - 3)))
-
-
 @torch.no_grad()
-def stream(model: OmniForcingTransformer, spec: StreamSpec, prompts, **kw) -> Iterator[BlockResult]:
+def stream(model: OmniForcingTransformer, clip: Clip, prompts: Prompts, **kw) -> Iterator[BlockResult]:
     """Yield each finished block the moment it is done."""
-    yield from Sampler(model, spec, prompts, **kw)
+    yield from Sampler(model, clip, prompts, **kw)
 
 
 @torch.no_grad()
-def generate(model: OmniForcingTransformer, spec: StreamSpec, prompts, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(model: OmniForcingTransformer, clip: Clip, prompts: Prompts, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: the stream collected into whole latents (native layout)."""
-    if spec.num_blocks is None:
+    if clip.num_blocks is None:
         raise ValueError("generate needs a finite num_blocks; use stream() for an open-ended stream")
-    blocks = list(stream(model, spec, prompts, **kw))
+    blocks = list(stream(model, clip, prompts, **kw))
     return torch.cat([b.video for b in blocks], 2), torch.cat([b.audio for b in blocks], 2)
 
 
 @torch.no_grad()
-def generate_reference(model: OmniForcingTransformer, spec: StreamSpec, prompts, **kw):
+def generate_reference(model: OmniForcingTransformer, clip: Clip, prompts: Prompts, *,
+                       policy: CachePolicy = CachePolicy(), runtime: Runtime = Runtime(), **kw):
     """The masked full-sequence reference (slow): same loop, whole prefix re-run every call."""
-    return generate(model, spec, prompts, backend="prefix", **kw)
+    if policy.rebase_rope:
+        raise ValueError("the prefix (reference) backend uses absolute positions; rebase_rope needs the KV cache")
+    return generate(model, clip, prompts, backend=PrefixBackend(model, clip, policy.window, runtime),
+                    runtime=runtime, **kw)
 
 
-def split_blocks(video: torch.Tensor, audio: torch.Tensor, layout: BlockLayout,
-                 num_blocks: int) -> Sequence[tuple[Block, torch.Tensor, torch.Tensor]]:
-    return [(b, video[:, :, b.video_start:b.video_end], audio[:, :, b.audio_start:b.audio_end])
-            for b in layout.iter_blocks(num_blocks)]
+__all__ = ["Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream", "generate",
+           "generate_reference"]

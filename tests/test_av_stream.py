@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from omniforcing_core.layout import make_clip, make_layout
 from omniforcing_core.live import LiveWriter
 from omniforcing_core.media import probe_media
 from omniforcing_core.preview import PreviewAudioDecoder, PreviewVideoDecoder
-from omniforcing_core.sampling import Sampler, StreamSpec, generate
+from omniforcing_core.sampling import Sampler, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_streamed_decode_equals_offline_decode_of_the_whole_clip():
     model = random_model("tiny")
     clip = make_clip(make_layout("v2"), 64, 64, seconds=3)
-    spec = StreamSpec.from_clip(clip, seed=4)
+    spec = dataclasses.replace(clip, seed=4)
     text = toy_text(model, "a blue square slides")
     st = preview_streamer()
     frames, audio = [], []
@@ -45,7 +46,7 @@ def test_stream_cut_after_k_blocks_leaves_k_seconds_playable(tmp_path):
     clip = make_clip(make_layout("v2"), 64, 64, seconds=4)
     writer = LiveWriter(tmp_path, 24, 24000, 64, 64)
     st = preview_streamer(writer)
-    for k, res in enumerate(Sampler(model, StreamSpec.from_clip(clip), toy_text(model, "x"))):
+    for k, res in enumerate(Sampler(model, clip, toy_text(model, "x"))):
         st.push(res)
         if k == 1:
             break  # a cancel: the writer is never closed
@@ -87,7 +88,7 @@ def test_audio_held_back_past_the_last_frame_still_reaches_the_file(tmp_path):
     writer = LiveWriter(tmp_path, 24, 24000, 64, 64)
     st = AVStreamer(video, pa, video_context=TemporalContext(pv.left_context, pv.right_context),
                     audio_context=TemporalContext(pa.left_context, pa.right_context + 3), writer=writer)
-    for res in Sampler(model, StreamSpec.from_clip(clip), toy_text(model, "x")):
+    for res in Sampler(model, clip, toy_text(model, "x")):
         st.push(res)
     st.finish()
     info = probe_media(tmp_path / "omniforcing.mp4")

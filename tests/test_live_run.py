@@ -13,7 +13,7 @@ from omniforcing_core.layout import DEFAULT_TIME, make_clip, make_layout
 from omniforcing_core.live import LiveWriter, read_playlist
 from omniforcing_core.live_run import PRESETS, DecodePlan, measure_context, run_stream
 from omniforcing_core.media import probe_media
-from omniforcing_core.sampling import Sampler, StreamSpec
+from omniforcing_core.sampling import Sampler
 
 SR = 24000
 SPF = SR // 100
@@ -74,7 +74,7 @@ class Cancel(BaseException):
 
 
 def blocks(model, text, seconds, stop_after=None):
-    spec = StreamSpec.from_clip(make_clip(make_layout("v2"), 64, 64, seconds=seconds), seed=3)
+    spec = make_clip(make_layout("v2"), 64, 64, seconds=seconds, seed=3)
     with torch.no_grad():
         for i, res in enumerate(Sampler(model, spec, text)):
             if stop_after is not None and i == stop_after:

@@ -21,8 +21,8 @@ def _brute_force(kind, clip, sinks):
     lay = clip.layout
     tv, ta = lay.time.video, lay.time.audio
     # a latent belongs to the block of the last frame it holds
-    vb = [_block_of_time(kind, tv.latent_frame_span(f)[1] - 1, lay.time.fps) for f in range(clip.video_latents)]
-    ab = [_block_of_time(kind, ta.latent_frame_span(a)[1] - 1, lay.time.mel_rate) for a in range(clip.audio_latents)]
+    vb = [_block_of_time(kind, tv.latent_bounds_frames(f)[1] - 1, lay.time.fps) for f in range(clip.video_latents)]
+    ab = [_block_of_time(kind, ta.latent_bounds_frames(a)[1] - 1, lay.time.mel_rate) for a in range(clip.audio_latents)]
     vt = [b for b in vb for _ in range(clip.tokens_per_latent)]
     at = [0] * sinks + ab
     m = lambda q, k: torch.tensor([[kb <= qb for kb in k] for qb in q])  # noqa: E731

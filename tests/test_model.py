@@ -184,7 +184,14 @@ def test_text_connectors_fill_registers_and_ignore_left_padding():
 
 
 def test_adopt_modules_shares_weights_without_copying():
-    from omniforcing_core.model import adopt_modules
+    import importlib.util
+    from pathlib import Path
+    # nodes/sharing.py is plain torch; load the file alone (the nodes package itself imports ComfyUI)
+    path = Path(__file__).resolve().parents[1] / "nodes" / "sharing.py"
+    spec = importlib.util.spec_from_file_location("omniforcing_nodes_sharing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    adopt_modules = mod.adopt_modules
     host = random_model(TINY, seed=3)
     with torch.device("meta"):
         ours = OmniForcingTransformer(TINY)
@@ -205,15 +212,25 @@ def test_adopt_modules_shares_weights_without_copying():
                        host(v, a, 0.5, 0.5, host.text_kv(ctx, ctx), None)[0])
 
 
-def test_parallel_modalities_flag_is_a_no_op_on_cpu(tiny64, text64):
+def test_runtime_attention_kernel_is_the_one_used(tiny64, text64):
+    """The runtime (not the weights) decides the kernel: every attention of both paths goes through it."""
+    from omniforcing_core.layers import sdpa_attention
+    from omniforcing_core.model import Runtime
+    calls = []
+
+    def counting(q, k, v, heads, mask=None):
+        calls.append(q.shape[1])
+        return sdpa_attention(q, k, v, heads, mask)
     clip = make_clip(make_layout("v2"), 32, 32, seconds=1)
     v = torch.randn(clip.video_shape(), dtype=torch.float64)
     a = torch.randn(clip.audio_shape(), dtype=torch.float64)
     want = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"))
-    tiny64.parallel_modalities = True
-    got = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"))
-    tiny64.parallel_modalities = False
+    got = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"), runtime=Runtime(attn_fn=counting))
     assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert len(calls) == 6 * tiny64.config.num_layers  # self x2, text x2, cross-modal x2 per layer
+    scaled = tiny64(v, a, 0.5, 0.5, text64, make_layout("v2"),
+                    runtime=Runtime(attn_fn=lambda q, k, v_, h, m=None: 0 * sdpa_attention(q, k, v_, h, m)))
+    assert not torch.allclose(want[0], scaled[0])  # negative control: the kernel's output reaches the result
 
 
 def test_modality_runner_on_streams_matches_sequential_when_cuda_is_present():
@@ -227,6 +244,6 @@ def test_modality_runner_on_streams_matches_sequential_when_cuda_is_present():
     ctx = torch.randn(1, 4, TINY.caption_channels, device="cuda")
     t = m.text_kv(ctx, ctx)
     want = m(v, a, 0.5, 0.5, t, make_layout("v2"))
-    m.parallel_modalities = True
-    got = m(v, a, 0.5, 0.5, t, make_layout("v2"))
+    from omniforcing_core.model import Runtime
+    got = m(v, a, 0.5, 0.5, t, make_layout("v2"), runtime=Runtime(parallel_modalities=True))
     assert torch.allclose(want[0], got[0], atol=1e-5) and torch.allclose(want[1], got[1], atol=1e-5)

@@ -4,10 +4,10 @@ import torch
 from omniforcing_core.cache import CachePolicy
 from omniforcing_core.config import TINY
 from omniforcing_core.embedded import random_model
-from omniforcing_core.layout import make_clip, make_layout
+from omniforcing_core.layout import Clip, make_clip, make_layout
 from omniforcing_core.noise import block_noise
-from omniforcing_core.sampling import (Guidance, PromptSchedule, PromptSegment, Sampler, StreamSpec, generate,
-                                       generate_reference, stream)
+from omniforcing_core.prompts import Prompt, PromptError, PromptTimeline
+from omniforcing_core.sampling import Guidance, Sampler, generate, generate_reference, stream
 from omniforcing_core.schedule import ltx2_sigma_grid, make_schedule, parse_steps
 
 
@@ -43,8 +43,7 @@ def test_noise_is_a_function_of_seed_block_modality_step():
 
 @pytest.fixture
 def setup(tiny64, text64):
-    clip = make_clip(make_layout("v2"), 64, 96, seconds=4)
-    return tiny64, text64, StreamSpec.from_clip(clip, seed=11)
+    return tiny64, text64, make_clip(make_layout("v2"), 64, 96, seconds=4, seed=11)
 
 
 def test_stream_equals_offline_equals_masked_reference(setup):
@@ -62,7 +61,7 @@ def test_stream_equals_offline_equals_masked_reference(setup):
 def test_first_block_does_not_depend_on_later_noise(setup):
     model, text, spec = setup
     v, _ = generate(model, spec, text)
-    short = StreamSpec(spec.layout, spec.height, spec.width, 1, spec.seed)
+    short = Clip(spec.layout, spec.height, spec.width, 1, spec.seed)
     v1, _ = generate(model, short, text)
     assert torch.equal(v1, v[:, :, :4])
 
@@ -90,16 +89,16 @@ def test_rolling_window_equals_masked_reference_with_sliding_window_mask(setup, 
         assert sorted(s.backend.cache.visible_blocks()) == sorted({0, *range(max(1, k - window), k + 1)})
 
 
-def test_cache_bytes_stay_flat_once_window_is_full_over_120_blocks():
+def test_cache_bytes_stay_flat_once_window_is_full():
     model = random_model(TINY.replace(num_layers=1), dtype=torch.float32)
     text = model.text_kv(torch.randn(1, 3, TINY.caption_channels), torch.randn(1, 3, TINY.caption_channels))
-    spec = StreamSpec(make_layout("v2"), 32, 32, 120, seed=0)
+    spec = Clip(make_layout("v2"), 32, 32, 24, seed=0)
     s = Sampler(model, spec, text, policy=CachePolicy(window=4), schedule=make_schedule([1000, 0]))
-    sizes = [s.run_block(b) and s.cache_bytes() for b in spec.layout.iter_blocks(120)]
+    sizes = [s.run_block(b) and s.cache_bytes() for b in spec.blocks()]
     assert len(set(sizes[5:])) == 1 and sizes[5] > sizes[0]
-    full = Sampler(model, StreamSpec(make_layout("v2"), 32, 32, None), text, schedule=make_schedule([1000, 0]))
-    grow = [full.run_block(b) and full.cache_bytes() for b in spec.layout.iter_blocks(40)]
-    assert grow[-1] > grow[10] > grow[1]
+    full = Sampler(model, Clip(make_layout("v2"), 32, 32, None), text, schedule=make_schedule([1000, 0]))
+    grow = [full.run_block(b) and full.cache_bytes() for b in spec.layout.iter_blocks(12)]
+    assert grow[-1] > grow[5] > grow[1]
 
 
 def test_rebased_rope_runs_past_20_seconds_and_matches_absolute_before_eviction():
@@ -107,11 +106,11 @@ def test_rebased_rope_runs_past_20_seconds_and_matches_absolute_before_eviction(
     ctx = torch.randn(1, 3, TINY.caption_channels, dtype=torch.float64)
     text = model.text_kv(ctx, ctx)
     sch = make_schedule([1000, 500, 0])
-    spec = StreamSpec(make_layout("v2"), 32, 32, 4, seed=1)
+    spec = Clip(make_layout("v2"), 32, 32, 4, seed=1)
     a = generate(model, spec, text, schedule=sch, policy=CachePolicy(window=3))
     b = generate(model, spec, text, schedule=sch, policy=CachePolicy(window=3, rebase_rope=True))
     assert (a[0] - b[0]).abs().max().item() < 1e-10  # no eviction yet: same positions
-    long = StreamSpec(make_layout("v2"), 32, 32, 30, seed=1)
+    long = Clip(make_layout("v2"), 32, 32, 30, seed=1)
     s = Sampler(model, long, text, schedule=sch, policy=CachePolicy(window=2, rebase_rope=True))
     last = None
     for res in s:
@@ -126,8 +125,8 @@ def test_prompt_switch_plain_and_recache(setup):
     g = torch.Generator().manual_seed(9)
     other_ctx = torch.randn(1, 7, model.config.caption_channels, generator=g, dtype=torch.float64)
     other = model.text_kv(other_ctx, other_ctx)
-    plain = PromptSchedule([PromptSegment(0, text), PromptSegment(2, other)])
-    rec = PromptSchedule([PromptSegment(0, text), PromptSegment(2, other)], recache=True)
+    plain = PromptTimeline((Prompt(0, text), Prompt(2, other)))
+    rec = plain.with_recache(True)
     pv, _ = generate(model, spec, plain)
     rv, _ = generate(model, spec, rec)
     base, _ = generate(model, spec, text)
@@ -140,8 +139,8 @@ def test_prompt_switch_plain_and_recache(setup):
     assert (rv - ref).abs().max().item() < 1e-10
     blocks = list(stream(model, spec, plain))
     assert [b.prompt_index for b in blocks] == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="must start at 0s"):
-        PromptSchedule([PromptSegment(1, text)])
+    with pytest.raises(PromptError, match="must start at 0s"):
+        Sampler(model, spec, PromptTimeline((Prompt(1, text),)))
 
 
 def test_image_to_audio_video_holds_the_first_latent_clean(setup):
@@ -162,7 +161,7 @@ def test_prefix_layout_streams_and_i2av(kind, sinks):
     model = random_model(TINY.replace(num_audio_sinks=sinks), dtype=torch.float64)
     ctx = torch.randn(1, 3, TINY.caption_channels, dtype=torch.float64)
     text = model.text_kv(ctx, ctx)
-    spec = StreamSpec.from_clip(make_clip(make_layout(kind, num_sinks=sinks), 32, 64, seconds=2), seed=2)
+    spec = make_clip(make_layout(kind, num_sinks=sinks), 32, 64, seconds=2, seed=2)
     first = torch.randn(1, 128, 1, 1, 2, dtype=torch.float64)
     v, a = generate(model, spec, text, first_frame=first)
     rv, ra = generate_reference(model, spec, text, first_frame=first)
@@ -174,7 +173,7 @@ def test_cfg_matches_its_definition_and_reference(setup):
     model, text, spec = setup
     neg = model.text_kv(torch.zeros(1, 7, model.config.caption_channels, dtype=torch.float64),
                         torch.zeros(1, 7, model.config.caption_channels, dtype=torch.float64))
-    short = StreamSpec(spec.layout, spec.height, spec.width, 1, spec.seed)
+    short = Clip(spec.layout, spec.height, spec.width, 1, spec.seed)
     sch = make_schedule([1000, 0])  # one step: x0 = u + s (c - u) exactly, checkable by hand
     gv, ga = generate(model, short, text, guidance=Guidance(neg, 3.0, 5.0), schedule=sch)
     cv, ca = generate(model, short, text, schedule=sch)
@@ -191,8 +190,8 @@ def test_batch_items_equal_single_runs_with_offset_seeds(tiny64):
     t1 = tiny64.text_kv(ctx, ctx)
     t2 = tiny64.text_kv(ctx.repeat(2, 1, 1), ctx.repeat(2, 1, 1))
     lay = make_layout("v2")
-    v2, _ = generate(tiny64, StreamSpec(lay, 32, 32, 2, seed=5, batch=2), t2)
-    v1, _ = generate(tiny64, StreamSpec(lay, 32, 32, 2, seed=6), t1)
+    v2, _ = generate(tiny64, Clip(lay, 32, 32, 2, seed=5, batch=2), t2)
+    v1, _ = generate(tiny64, Clip(lay, 32, 32, 2, seed=6), t1)
     assert (v2[1:] - v1).abs().max().item() < 1e-10
 
 

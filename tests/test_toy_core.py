@@ -1,4 +1,4 @@
-"""Issue #6 core changes: grad-safe cache, sink positions ablation, Sampler exit step, audio sigma map."""
+"""Issue #6 core changes: grad-safe cache, sink positions ablation, the training rollout's exit step, audio sigma map."""
 import dataclasses
 
 import pytest
@@ -6,11 +6,10 @@ import torch
 
 from omniforcing_core.config import TINY
 from omniforcing_core.embedded import random_model
-from omniforcing_core.layout import make_layout
+from omniforcing_core.layout import DEFAULT_TIME, Clip, make_layout
 from omniforcing_core.rope import RopeConfig, audio_self_table, identity_table, sink_times
-from omniforcing_core.layout import DEFAULT_TIME
-from omniforcing_core.sampling import Sampler, StreamSpec, generate
-from omniforcing_core.toy.stages import audio_block_index
+from omniforcing_core.sampling import generate, generate_reference
+from omniforcing_core.toy.stages import audio_block_index, rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,35 +25,33 @@ def test_cache_grad_rollout_backward_matches_no_grad_values():
     """Exit-step forwards with grad over several blocks: backward works (no in-place error) and the
     values equal the no-grad rollout."""
     m = random_model(TINY, seed=0).requires_grad_(True)
-    lay = make_layout("v2")
-    spec = StreamSpec(lay, 64, 64, 3, seed=5)
+    clip = Clip(make_layout("v2"), 64, 64, 3, seed=5)
     text = _text(m)
     with torch.no_grad():
-        ref = [r.video for r in Sampler(m, spec, text, exit_step=2)]
-    s = Sampler(m, spec, text, exit_step=2)
+        ref, _, _ = rollout(m, clip, text, exit_step=2)
     with torch.enable_grad():
-        out = [s.run_block(b) for b in lay.iter_blocks(3)]
-        loss = sum(r.video.square().mean() + r.audio.square().mean() for r in out)
+        v, a, sampler = rollout(m, clip, text, exit_step=2)
+        loss = v.square().mean() + a.square().mean()
         loss.backward()
-    for a, b in zip(out, ref):
-        assert torch.allclose(a.video, b, atol=1e-5)
+    assert torch.allclose(v, ref, atol=1e-5)
     g = m.patchify_proj.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
     # history carries no gradient: the cache buffers never require grad
-    assert not any(t.requires_grad for layer in s.backend.cache.k for t in layer.values())
+    assert not any(t.requires_grad for layer in sampler.backend.cache.k for t in layer.values())
 
 
-def test_exit_step_none_is_unchanged_inference():
+def test_exit_at_the_last_step_is_inference():
     m = random_model(TINY, seed=0)
-    spec = StreamSpec(make_layout("v2"), 64, 64, 2, seed=3)
+    clip = Clip(make_layout("v2"), 64, 64, 2, seed=3)
     text = _text(m)
-    v1, a1 = generate(m, spec, text)
-    last = Sampler(m, spec, text, exit_step=3)
+    v1, a1 = generate(m, clip, text)
     with torch.no_grad():
-        v2 = torch.cat([r.video for r in last], 2)
-    assert torch.equal(v1, v2)  # exit at the last step == full inference
-    with pytest.raises(ValueError):
-        Sampler(m, spec, text, exit_step=4)
+        v2, a2, _ = rollout(m, clip, text, exit_step=3)
+        v3, _, _ = rollout(m, clip, text, exit_step=2)
+    assert torch.equal(v1, v2) and torch.equal(a1, a2)  # exit at the last step == full inference
+    assert not torch.allclose(v1, v3)  # negative control: an earlier exit is another output
+    with pytest.raises(ValueError, match="exit_step"):
+        rollout(m, clip, text, exit_step=4)
 
 
 def test_incremental_sink_positions_option():
@@ -74,10 +71,10 @@ def test_incremental_sinks_model_cached_equals_masked():
     cfg = TINY.replace(num_audio_sinks=2, rope=RopeConfig("interleaved", "float64", sink_positions="incremental"))
     m = random_model(cfg, seed=0, dtype=torch.float64)
     lay = make_layout("prefix", num_sinks=2)
-    spec = StreamSpec(lay, 64, 64, 3, seed=1)
+    spec = Clip(lay, 64, 64, 3, seed=1)
     text = _text(m)
     a = generate(m, spec, text)
-    b = generate(m, spec, text, backend="prefix")
+    b = generate_reference(m, spec, text)
     assert torch.allclose(a[0], b[0], atol=1e-10) and torch.allclose(a[1], b[1], atol=1e-10)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from omniforcing_core import embedded
 from omniforcing_core.layout import make_clip
-from omniforcing_core.sampling import StreamSpec, generate
+from omniforcing_core.sampling import generate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _check(d):
     clip = make_clip(d.layout, d.size, d.size, num_blocks=2)
-    v, a = generate(d.model, StreamSpec.from_clip(clip, seed=0), d.text("a red ball bounces twice"))
+    v, a = generate(d.model, clip, d.text("a red ball bounces twice"))
     frames = d.decode_video(v)
     wav = d.decode_audio(a)
     assert frames.shape == (1, 3, clip.num_frames, d.size, d.size)

@@ -152,7 +152,7 @@ def test_stage_one_bidirectional_dmd_trains_and_initialises_stage_two(toy, tmp_p
     c = st1.model.config.caption_channels
     text = st1.model.text_kv(torch.randn(2, 4, c, generator=g), torch.randn(2, 4, c, generator=g))
     xv, xa, e = st1.rollout(text, torch.Generator().manual_seed(1), 0, grad=True)
-    assert xv.shape == st1.clip.video_shape(2) and xa.shape == st1.clip.audio_shape(2)
+    assert xv.shape == (2, *st1.clip.video_shape()[1:]) and xa.shape == (2, *st1.clip.audio_shape()[1:])
     assert xv.requires_grad and 0 <= e < st1.schedule.steps
     r = Runner(cfg, tmp_path / "bidmd", log=_quiet)
     r.run()

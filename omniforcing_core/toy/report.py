@@ -143,14 +143,14 @@ def gen_teacher(teacher, te, caption, shape_v, shape_a, seed, steps, cfg_v=3.0, 
 
 @torch.no_grad()
 def gen_causal(model, te, caption, layout, size, seconds, seed):
-    from ..sampling import StreamSpec, stream
+    from ..sampling import stream
     from ..layout import make_clip as make_layout_clip
     feats = te([caption])
     text = model.text_kv(feats, feats)
-    clip = make_layout_clip(layout, size, size, seconds=seconds)
+    clip = make_layout_clip(layout, size, size, seconds=seconds, seed=seed)
     t0 = time.perf_counter()
     ttfc, vs, as_ = None, [], []
-    for r in stream(model, StreamSpec.from_clip(clip, seed=seed), text):
+    for r in stream(model, clip, text):
         if ttfc is None:
             ttfc = time.perf_counter() - t0
         vs.append(r.video)
@@ -340,17 +340,17 @@ def measure_default(prompt: str = "a red ball bounces twice, a blue square slide
     """Stream the embedded default on the demo prompt and measure the A/V offset of what it made."""
     from ..embedded import load_default
     from ..layout import make_clip as layout_clip
-    from ..sampling import StreamSpec, stream
+    from ..sampling import stream
     d = load_default(assets)
     if not d.trained:
         raise RuntimeError("no trained assets: load_default() is the random fallback; run `export` first")
     results, times, ttfcs = [], [], []
     for seed in seeds:
-        clip = layout_clip(d.layout, d.size, d.size, seconds=seconds)
+        clip = layout_clip(d.layout, d.size, d.size, seconds=seconds, seed=seed)
         t0 = time.perf_counter()
         vs, as_, ttfc = [], [], None
         with torch.no_grad():
-            for r in stream(d.model, StreamSpec.from_clip(clip, seed=seed), d.text(prompt)):
+            for r in stream(d.model, clip, d.text(prompt)):
                 ttfc = ttfc if ttfc is not None else time.perf_counter() - t0
                 vs.append(r.video)
                 as_.append(r.audio)

@@ -27,11 +27,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..flow import euler_step, noisy, predict_x0, x0_from_velocity
 from ..layout import BlockLayout, make_layout
 from ..layout import make_clip as layout_clip
+from ..modality import AV
 from ..model import OmniForcingTransformer
 from ..noise import _mix
-from ..sampling import Sampler, StreamSpec
+from ..sampling import Sampler
 from ..schedule import ltx2_sigma_grid, make_schedule
 from .configs import StageConfig
 from .textenc import TextEncoder
@@ -114,28 +116,18 @@ def sigma_of_t() -> torch.Tensor:
 
 def guided_x0(model, xv, xa, sv, sa, text, uncond, cfg_v: float, cfg_a: float, layout=None):
     """Teacher x0 with classifier-free guidance (separate video/audio scales), bidirectional by default."""
-    b = xv.shape[0]
     both = text.cat(uncond) if uncond is not None else text
-    dup = (lambda x: torch.cat([x, x])) if uncond is not None else (lambda x: x)
-    vv, va = model(dup(xv), dup(xa), dup(sv), dup(sa), both, layout)
-    x0v = dup(xv).float() - _bc(dup(sv), xv) * vv.float()
-    x0a = dup(xa).float() - _bc(dup(sa), xa) * va.float()
-    if uncond is None:
-        return x0v, x0a
-    return (x0v[b:] + cfg_v * (x0v[:b] - x0v[b:]), x0a[b:] + cfg_a * (x0a[:b] - x0a[b:]))
+
+    def velocity(x: AV, s: AV) -> AV:
+        return AV(*model(x.video, x.audio, s.video, s.audio, both, layout))
+    cfg = AV(cfg_v, cfg_a) if uncond is not None else None
+    return tuple(predict_x0(velocity, AV(xv, xa), AV(sv, sa), cfg))
 
 
 def _params_of(opt: torch.optim.Optimizer) -> list:
     """The parameters an optimiser steps: under FSDP the sharded ones, whatever `module.parameters()`
     shows while a root module is unsharded."""
     return [p for gr in opt.param_groups for p in gr["params"]]
-
-
-def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    s = s.float()
-    if s.dim() == 1:
-        return s.view(-1, *([1] * (x.dim() - 1)))
-    return s.view(s.shape[0], 1, s.shape[1], *([1] * (x.dim() - 3)))
 
 
 @torch.no_grad()
@@ -160,14 +152,34 @@ def teacher_sample(model, textenc, captions: list[str], shape_v, shape_a, g: tor
             traj_a.append(xa.clone())
         sig = torch.full((b,), s)
         x0v, x0a = guided_x0(model, xv, xa, sig, sig, text, unc, cfg_v, cfg_a)
-        if nxt == 0:
-            xv, xa = x0v, x0a
-        else:
-            xv = xv + (xv - x0v) / s * (nxt - s)
-            xa = xa + (xa - x0a) / s * (nxt - s)
+        xv, xa = euler_step(xv, x0v, s, nxt), euler_step(xa, x0a, s, nxt)
     traj_v.append(xv.clone())
     traj_a.append(xa.clone())
     return xv, xa, (torch.stack(traj_v, 1), torch.stack(traj_a, 1))
+
+
+def rollout(model, clip, text, exit_step: int, schedule=None):
+    """Self-Forcing's generator rollout: inference exactly (the Sampler's steps, KV cache, clean
+    refresh), except that every block exits at `exit_step` - earlier steps without gradient, the
+    exit step in the caller's grad mode, the cache refresh without gradient on the detached block
+    (history carries no gradient). Returns (video, audio, sampler)."""
+    sampler = Sampler(model, clip, text, schedule=schedule)
+    if not 0 <= exit_step < sampler.schedule.steps:
+        raise ValueError(f"exit_step={exit_step} must lie in 0..{sampler.schedule.steps - 1}")
+    grad, out = torch.is_grad_enabled(), []
+    for block in clip.blocks():
+        _, txt = sampler.prompt_for(block)
+        sampler.backend.begin(block)
+        x = sampler.noise(block, 0)
+        for k, sigma in enumerate(sampler.schedule.sigmas[:exit_step + 1]):
+            with torch.set_grad_enabled(grad and k == exit_step):
+                x0 = sampler.predict(block, x, sigma, txt)
+            if k < exit_step:
+                x = sampler.renoise(block, x0, k + 1, sampler.schedule.next_sigma(k))
+        with torch.no_grad():
+            sampler.commit(block, x0, txt)
+        out.append(x0)
+    return torch.cat([x.video for x in out], 2), torch.cat([x.audio for x in out], 2), sampler
 
 
 # -- stages -------------------------------------------------------------------------------------------
@@ -256,7 +268,7 @@ class TeacherStage(SupervisedStage):
         caps = ["" if d else self.data["captions"][j] for j, d in zip(idx.tolist(), drop.tolist())]
         s = sample_sigmas(cfg.batch, g, cfg.sigma_shift)
         ev, ea = randn(x0v.shape, g), randn(x0a.shape, g)
-        xv, xa = (1 - _bc(s, x0v)) * x0v + _bc(s, x0v) * ev, (1 - _bc(s, x0a)) * x0a + _bc(s, x0a) * ea
+        xv, xa = noisy(x0v, ev, s), noisy(x0a, ea, s)
         feats = self.textenc(caps)
         text = self.model.text_kv(feats, feats)
         vv, va = self.model(xv, xa, s, s, text, None)
@@ -373,8 +385,7 @@ class CausalStage(SupervisedStage):
             feats = self.textenc([self.captions[j] for j in idx.tolist()])
         text = self.model.text_kv(feats, feats)
         vv, va = self.model(xv, xa, sv, sa, text, self.layout)
-        x0v = xv - _bc(sv, xv) * vv
-        x0a = xa - _bc(sa, xa) * va
+        x0v, x0a = x0_from_velocity(xv, vv, sv), x0_from_velocity(xa, va, sa)
         mv, ma = (sv > 1e-6).float(), (sa > 1e-6).float()
         ev = ((x0v - cv) ** 2).mean((1, 3, 4))  # [B, Fv]
         ea = ((x0a - ca) ** 2).mean((1, 3))  # [B, Fa]
@@ -426,21 +437,20 @@ class DMDStage(Stage):
         return {"opt": self.opt, "critic_opt": self.copt}
 
     def rollout(self, text, g: torch.Generator, i: int, grad: bool):
-        """Generator rollout exactly as inference (Sampler, KV cache, clean refresh); exit step with grad."""
+        """The generator's rollout with this step's exit step, in `grad` mode at the exit step."""
         exit_step = self._exit_step(i, grad)
-        spec = StreamSpec(self.layout, self.cfg.size, self.cfg.size, self.num_blocks,
-                          seed=_mix(self.cfg.seed, "rollout", i, self.rank) & 0xFFFFFFFF, batch=text.batch)
-        sampler = Sampler(self.model, spec, text, schedule=self.schedule, exit_step=exit_step)
+        clip = layout_clip(self.layout, self.cfg.size, self.cfg.size, num_blocks=self.num_blocks,
+                           seed=_mix(self.cfg.seed, "rollout", i, self.rank) & 0xFFFFFFFF, batch=text.batch)
         with torch.set_grad_enabled(grad):
-            blocks = [sampler.run_block(b) for b in self.layout.iter_blocks(self.num_blocks)]
-        return torch.cat([r.video for r in blocks], 2), torch.cat([r.audio for r in blocks], 2), exit_step
+            v, a, _ = rollout(self.model, clip, text, exit_step, self.schedule)
+        return v, a, exit_step
 
     def _noisy(self, x, g, b):
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (b,), generator=g)
         s = self.sig_t[t]
         xv, xa = x
         ev, ea = randn(xv.shape, g), randn(xa.shape, g)
-        return s, ((1 - _bc(s, xv)) * xv + _bc(s, xv) * ev, (1 - _bc(s, xa)) * xa + _bc(s, xa) * ea), (ev, ea)
+        return s, (noisy(xv, ev, s), noisy(xa, ea, s)), (ev, ea)
 
     def step(self, i: int) -> dict:
         cfg = self.cfg
@@ -512,21 +522,22 @@ class BidirectionalDMDStage(DMDStage):
         """Whole-clip few-step sampling (x0 prediction, fresh noise between steps); exit step with grad."""
         sched = self.schedule
         exit_step = self._exit_step(i, grad)
-        b = text.batch
-        xv, xa = randn(self.clip.video_shape(b), g), randn(self.clip.audio_shape(b), g)
+        clip = dataclasses.replace(self.clip, batch=text.batch)
+        x = AV(randn(clip.video_shape(), g), randn(clip.audio_shape(), g))
+
+        def velocity(xx: AV, ss: AV) -> AV:
+            return AV(*self.model(xx.video, xx.audio, ss.video, ss.audio, text, None))
         for k, sig in enumerate(sched.sigmas[:exit_step + 1]):
-            s = torch.full((b,), float(sig))
+            s = AV.both(torch.full((text.batch,), float(sig)))
             with torch.set_grad_enabled(grad and k == exit_step):
-                vv, va = self.model(xv, xa, s, s, text, None)
-                x0v, x0a = xv - _bc(s, xv) * vv.float(), xa - _bc(s, xa) * va.float()
+                x0 = predict_x0(velocity, x, s)
             if k < exit_step:
                 nxt = sched.next_sigma(k)
-                xv = (1 - nxt) * x0v + nxt * randn(xv.shape, g)
-                xa = (1 - nxt) * x0a + nxt * randn(xa.shape, g)
-        return x0v, x0a, exit_step
+                x = x0.map(lambda t: noisy(t, randn(t.shape, g), nxt))
+        return x0.video, x0.audio, exit_step
 
 
 STAGES = {"teacher": TeacherStage, "bidmd": BidirectionalDMDStage, "causal": CausalStage, "dmd": DMDStage}
 
 __all__ = ["TeacherStage", "BidirectionalDMDStage", "CausalStage", "DMDStage", "STAGES", "build_dataset", "load_latents", "load_teacher",
-           "make_ode_pairs", "teacher_sample", "guided_x0", "audio_block_index", "sigma_of_t", "step_generator"]
+           "make_ode_pairs", "teacher_sample", "guided_x0", "rollout", "audio_block_index", "sigma_of_t", "step_generator"]
