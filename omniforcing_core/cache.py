@@ -51,17 +51,22 @@ class CachePolicy:
 
 @dataclass(frozen=True)
 class BlockView:
-    """What one block needs from the cache: where it writes and what it sees."""
+    """What one block needs from the cache: where it writes, which keys it reads, and its positions."""
 
     block: Block
     slot: Optional[int]  # ring slot of the block (None: the sink region of block 0)
-    visible: tuple[int, ...]  # block indices whose keys the block sees, in buffer order (sink first)
+    key_blocks: tuple[int, ...]  # the block held by each key region, in buffer order (sink first)
+    visible: tuple[bool, ...]  # per key region: seen by this block (False only when re-caching an old block)
     position_shift: int  # blocks subtracted from indices >= 1 for positions (rebase_rope; else 0)
     rebase_rope: bool  # keys are stored un-rotated and rotated at read time with shifted positions
 
     def position_block(self, index: int) -> int:
         """The block index whose positions block `index` takes."""
         return index - self.position_shift if index else 0
+
+    @property
+    def sees_all(self) -> bool:
+        return all(self.visible)
 
 
 class StreamCache:
@@ -119,7 +124,7 @@ class StreamCache:
 
     def view(self) -> BlockView:
         """The current block's view (see `begin_block`)."""
-        return BlockView(self.block, self._slot, tuple(self.visible_blocks()),
+        return BlockView(self.block, self._slot, tuple(self.visible_blocks()), (True, *self._visible),
                          self.policy.rebase_shift(self.head), self.policy.rebase_rope)
 
     def write_range(self, kind: str) -> tuple[int, int]:
@@ -142,7 +147,8 @@ class StreamCache:
         return self._masks[kind]
 
     def visible_blocks(self) -> list[int]:
-        """Block indices whose keys the current block sees, in buffer order (sink first)."""
+        """Block indices held by the valid keys, in buffer order (sink first); all of them are
+        visible to the current block except, during a re-cache, blocks newer than it (masked)."""
         return [0] + self.slot_blocks[: self._filled]
 
     def cached_blocks(self) -> list[int]:

@@ -334,7 +334,7 @@ class OmniForcingTransformer(nn.Module):
         own = self._block_ropes(layout.block(view.position_block(block.index)), grid_hw)
         if not view.rebase_rope:
             return BlockRopes(own)
-        parts = [self._block_ropes(layout.block(view.position_block(j)), grid_hw) for j in view.visible]
+        parts = [self._block_ropes(layout.block(view.position_block(j)), grid_hw) for j in view.key_blocks]
         read = Ropes(*(cat_tables([getattr(p, f) for p in parts])
                        for f in ("video_self", "audio_self", "video_cross", "audio_cross")))
         return BlockRopes(own, read)
