@@ -36,6 +36,7 @@ from ..noise import _mix
 from ..sampling import Sampler
 from ..schedule import ltx2_sigma_grid, make_schedule
 from .configs import StageConfig
+from .distributed import clip_gradients
 from .textenc import TextEncoder
 
 
@@ -216,7 +217,6 @@ class Stage:
             gr["lr"] = base * f
 
     def _clip(self, params, max_norm: float) -> float:
-        from .train import clip_gradients
         return clip_gradients(list(params), max_norm, self.world)
 
 

@@ -1,4 +1,4 @@
-"""The training entry point shared by the toy runs and the real LTX-2 recipe.
+"""The training entry point of the toy recipe.
 
 `Runner(cfg, run_dir).run()` trains one stage with progress lines, periodic checkpoints
 (`ckpt.safetensors`: every module as `<name>.<key>`, every optimiser state as `optim.<name>.<i>.<key>`;
@@ -6,7 +6,7 @@
 run dir when one exists. Launched under `torchrun` (WORLD_SIZE > 1) it initialises
 torch.distributed, gives every rank its own data/noise stream, averages gradients (DDP), or shards
 the trainable models with FSDP2 (`fully_shard` per transformer block, then the root) when
-`cfg.fsdp` is set - the path the real 19B configs use. Both run here on CPU with gloo
+`cfg.fsdp` is set (the helpers live in `distributed.py`). Both run here on CPU with gloo
 (`torchrun --nproc_per_node 2 -m omniforcing_core.toy train ... --run-dir DIR`, tested); NCCL on
 GPUs is the same code, not run here.
 """
@@ -21,83 +21,26 @@ from typing import Callable, Optional
 import torch
 
 from .configs import StageConfig
+from .distributed import current_rank, dist_env, is_dtensor, is_sharded, shard_model
 from .stages import STAGES, Stage
-
-
-# -- distributed -------------------------------------------------------------------------------------
-
-def dist_env() -> tuple[int, int, str]:
-    """(rank, world, device) from torchrun's environment; (0, 1, cpu|cuda) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, f"cuda:{local}"
-    return rank, world, "cpu"
-
-
-def shard_model(model: torch.nn.Module, mixed_precision: Optional[str] = None) -> torch.nn.Module:
-    """FSDP2: one unit per transformer block plus the root (LTX-2 19B: 48 blocks of ~0.39 B params).
-    Block calls go through `__call__`, so the per-block hooks fire on both the masked full path and
-    the KV-cached block path; the methods called directly (below) are registered as forward methods."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    for blk in model.transformer_blocks:
-        fully_shard(blk, mp_policy=mp)
-        register_fsdp_forward_method(blk, "text_key_values")
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
-    # the samplers call these model methods directly, not forward: FSDP must gather for them too
-    for name in ("text_kv", "encode_text", "forward_block"):
-        register_fsdp_forward_method(model, name)
-    return model
-
-
-def average_gradients(params, world: int) -> None:
-    """DDP without the wrapper (the Sampler calls model methods, not forward): all-reduce grads."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
-def _is_sharded(module: torch.nn.Module) -> bool:
-    return any(type(m).__name__.startswith("FSDP") for m in module.modules())
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def _full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict; for an FSDP module a collective every rank must join."""
-    if _is_sharded(module):
+    if is_sharded(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return module.state_dict()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_s: float) -> None:
     """Every rank calls this (FSDP gathers the full weights collectively); rank 0 writes the weights
     and the state. With FSDP each rank also writes its own optimiser shards (`optim.rank<r>.safetensors`):
     weights stay portable, an optimiser resumes with the same number of ranks."""
-    rank = _rank()
-    sharded = any(_is_sharded(m) for m in stage.modules().values())
+    rank = current_rank()
+    sharded = any(is_sharded(m) for m in stage.modules().values())
     if rank != 0 and not sharded:
         return  # nothing to gather, nothing to write
     tensors, optim, groups = {}, {}, {}
@@ -109,7 +52,7 @@ def save_checkpoint(run_dir: Path, stage: Stage, step: int, metrics: list, wall_
         for pid, st in sd["state"].items():
             for k, v in st.items():
                 t = v if torch.is_tensor(v) else torch.tensor(v)
-                t = t.to_local() if _is_dtensor(t) else t
+                t = t.to_local() if is_dtensor(t) else t
                 optim[f"optim.{name}.{pid}.{k}"] = t.detach().contiguous().cpu()
         groups[name] = sd["param_groups"]
     if sharded:
@@ -137,11 +80,11 @@ def load_checkpoint(run_dir: Path, stage: Stage) -> dict:
     state = json.loads((run_dir / "state.json").read_text())
     t = load_file(str(run_dir / "ckpt.safetensors"))
     if state.get("sharded_optimizer"):
-        t.update(load_file(str(run_dir / f"optim.rank{_rank()}.safetensors")))
+        t.update(load_file(str(run_dir / f"optim.rank{current_rank()}.safetensors")))
     for name, mod in stage.modules().items():
         pre = name + "."
         sd = {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}
-        if _is_sharded(mod):
+        if is_sharded(mod):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(mod, sd, options=StateDictOptions(full_state_dict=True, strict=True))
         else:
@@ -154,7 +97,7 @@ def load_checkpoint(run_dir: Path, stage: Stage) -> dict:
             if k.startswith(pre):
                 pid, key = k[len(pre):].split(".", 1)
                 p = params[int(pid)]
-                if _is_dtensor(p) and v.dim() > 0:  # a saved local shard: back onto the param's mesh
+                if is_dtensor(p) and v.dim() > 0:  # a saved local shard: back onto the param's mesh
                     from torch.distributed.tensor import DTensor
                     v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
                                            shape=p.shape, stride=p.stride())
@@ -162,32 +105,6 @@ def load_checkpoint(run_dir: Path, stage: Stage) -> dict:
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in gr.items()} for gr in state["param_groups"][name]]
         opt.load_state_dict({"state": st, "param_groups": groups})
     return state
-
-
-def clip_gradients(params, max_norm: float, world: int) -> float:
-    """Average what DDP-style training leaves unreduced, then clip by the global norm.
-
-    FSDP reduces (and shards) the gradients of its own modules; every other parameter (e.g. the
-    caption encoder beside a sharded transformer) is all-reduced here. Plain single-process and
-    DDP runs take torch's `clip_grad_norm_` unchanged."""
-    params = [p for p in params if p.grad is not None]
-    sharded = [p for p in params if _is_dtensor(p.grad)]
-    plain = [p for p in params if not _is_dtensor(p.grad)]
-    average_gradients(plain, world)
-    limit = max_norm if max_norm > 0 else float("inf")
-    if not sharded:
-        return float(torch.nn.utils.clip_grad_norm_(params, limit))
-    import torch.distributed as dist
-    # shards are disjoint across ranks: sum their squares everywhere; replicated grads count once
-    sq = sum(p.grad.to_local().float().pow(2).sum() for p in sharded)
-    dist.all_reduce(sq)
-    sq = sq.cpu() + sum((p.grad.float().pow(2).sum().cpu() for p in plain), torch.zeros(()))
-    total = float(sq.sqrt())
-    if total > limit:
-        coef = limit / (total + 1e-6)
-        for p in params:
-            p.grad.mul_(coef)
-    return total
 
 
 # -- runner ------------------------------------------------------------------------------------------
@@ -254,5 +171,4 @@ def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "clip_gradients", "dist_env", "shard_model",
-           "average_gradients", "summarize"]
+__all__ = ["Runner", "save_checkpoint", "load_checkpoint", "summarize"]
