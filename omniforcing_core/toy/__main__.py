@@ -50,16 +50,8 @@ def cmd_codecs(a) -> int:
     return 0
 
 
-def load_codecs(path):
-    from safetensors.torch import load_file
-    from .codecs import Codecs
-    c = Codecs()
-    p = Path(path)
-    c.load_state_dict(load_file(str(p / "codecs.safetensors" if p.is_dir() else p)), strict=False)
-    return c.eval().requires_grad_(False)
-
-
 def cmd_data(a) -> int:
+    from .codecs import load_codecs
     from .stages import build_dataset
     t0 = time.perf_counter()
     build_dataset(a.out, load_codecs(a.codecs), a.n, a.seed, a.seconds, a.size)

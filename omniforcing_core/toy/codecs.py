@@ -16,6 +16,7 @@ Latents are normalised per channel (LTX-2's per-channel statistics) so diffusion
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -199,6 +200,15 @@ class Codecs(nn.Module):
         return self.vocoder(self.audio.decode_mel(latents))
 
 
+def load_codecs(path) -> Codecs:
+    """Trained codecs from `codecs.safetensors` (a file, or the folder `toy codecs --out` wrote), frozen."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    c = Codecs()
+    c.load_state_dict(load_file(str(p / "codecs.safetensors" if p.is_dir() else p)), strict=False)
+    return c.eval().requires_grad_(False)
+
+
 def train_codecs(codecs: Codecs, clips, steps: int = 600, lr: float = 2e-3, seed: int = 0, batch: int = 8,
                  log=print) -> dict:
     """Fit both autoencoders on a pool of world clips (`clips`: list of world.Clip), then set the
@@ -244,4 +254,4 @@ def train_codecs(codecs: Codecs, clips, steps: int = 600, lr: float = 2e-3, seed
 
 
 __all__ = ["VideoCodec", "AudioCodec", "MelFrontEnd", "Vocoder", "Codecs", "mel_filterbank", "mel_bin_of",
-           "train_codecs", "N_MELS"]
+           "load_codecs", "train_codecs", "N_MELS"]

@@ -187,7 +187,7 @@ def format_table(rows: list[dict]) -> str:
 def run_report(teacher_dir, student_dir, codecs_dir, n: int = 12, seed: int = 7_000_000, teacher_steps: int = 20,
                seconds: int = 2, size: int = 128, log=print, use_ema: bool = True, stage2_dir=None) -> list[dict]:
     from ..layout import make_layout
-    from .__main__ import load_codecs
+    from .codecs import load_codecs
     from .stages import load_teacher
     codecs = load_codecs(codecs_dir)
     teacher, te = load_teacher(teacher_dir)
@@ -257,7 +257,7 @@ def export_assets(student_dir, codecs_dir, out, use_ema: bool = True) -> dict:
     codec decoders (+ latent statistics). Small fp32 safetensors."""
     from safetensors.torch import save_file
     from ..loader import header_for
-    from .__main__ import load_codecs
+    from .codecs import load_codecs
     from .stages import _load_run_modules
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
