@@ -33,15 +33,17 @@ def _numel(shape) -> int:
 
 def cmd_info(args) -> int:
     from .checkpoint import scan
-    from .loader import infer_config, resolve_conventions
+    from .loader import load_model
 
     if len(args.paths) > 2:
         print("info takes a base checkpoint and optionally an overlay", file=sys.stderr)
         return 2
+    # the loader's own checks, exactly, without reading tensor data: what it refuses, info refuses
+    _, rep = load_model(args.paths[0], args.paths[1] if len(args.paths) > 1 else None,
+                        allow_pickle=args.allow_pickle, dry_run=True)
     base = scan(args.paths[0], args.allow_pickle)
     over = scan(args.paths[1], args.allow_pickle) if len(args.paths) > 1 else None
-    conv = resolve_conventions(base, over, None)
-    cfg = infer_config(base, conv, args.paths[0])
+    conv, cfg = rep.conventions, rep.config
     dtypes: dict[str, int] = {}
     for r in base.refs.values():
         dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1

@@ -170,6 +170,39 @@ def _compute_dtype(requested: Optional[str], wdt: Optional[torch.dtype], stored:
     return max(floats, key=floats.get)
 
 
+def _refuse_non_float(chosen: dict, want: dict) -> None:
+    """Integer/bool (or unreadable float) tensors for the model's float parameters: refused, never cast."""
+    bad: dict = {}
+    for k, (ref, _) in chosen.items():
+        dt = SAFETENSORS_DTYPES.get(ref.dtype, getattr(torch, ref.dtype.replace("torch.", ""), None))
+        if want[k].is_floating_point() and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+            bad.setdefault(ref.file, []).append(f"{ref.key} ({ref.dtype})")
+    if bad:
+        n = sum(len(v) for v in bad.values())
+        where = "; ".join(f"{f}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}" for f, v in bad.items())
+        raise CheckpointError(f"{n} tensor{'s' if n != 1 else ''} stored as a non-floating-point dtype where the "
+                              f"model has floating-point parameters ({where}); they are not cast silently: "
+                              f"re-save them as F32/BF16/F16 (or F8_E4M3/F8_E5M2), or load the file they came from")
+
+
+def _warn_non_finite(state: dict, chosen: dict) -> None:
+    """One isfinite pass over the loaded weights, one sync; NaN/Inf weights warn (they load as stored)."""
+    import warnings
+
+    keys = [k for k, t in state.items() if t.is_floating_point()]
+    if not keys:
+        return
+    ok = torch.stack([torch.isfinite(state[k].to(torch.float16) if state[k].dtype in FP8 else state[k]).all()
+                      for k in keys]).tolist()
+    bad = [chosen[k][0] for k, good in zip(keys, ok) if not good]
+    if bad:
+        files = sorted({str(r.file) for r in bad})
+        warnings.warn(f"{len(bad)} tensor{'s' if len(bad) != 1 else ''} hold NaN or Inf values, first: "
+                      f"{', '.join(r.key for r in bad[:5])} (in {', '.join(files[:3])}); whatever uses them will "
+                      f"output NaN: re-download the file, or check the training run that wrote it",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _read(key: str, ref: TensorRef, km: KeyMap, handles: dict) -> torch.Tensor:
     if km.pickled is not None and ref.file.suffix != ".safetensors":
         return km.pickled[key]
@@ -181,7 +214,10 @@ def _read(key: str, ref: TensorRef, km: KeyMap, handles: dict) -> torch.Tensor:
             f = handles[ref.file] = safe_open(str(ref.file), framework="pt", device="cpu")
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{ref.file}: cannot be opened as safetensors ({e}); re-download it") from None
-    return f.get_tensor(ref.key)
+    try:
+        return f.get_tensor(ref.key)
+    except Exception as e:  # noqa: BLE001 - the file changed or is damaged past what its header shows
+        raise CheckpointError(f"{ref.file}: tensor '{ref.key}' cannot be read ({e}); re-download the file") from None
 
 
 def _is_linear_weight(model: torch.nn.Module, key: str) -> bool:
@@ -193,11 +229,13 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
                weight_dtype: str = "default", compute_dtype: Optional[str] = None, device="cpu",
                operations=None, conventions: Optional[dict] = None, layout: Optional[str] = None,
                drop_sinks: bool = False, allow_partial_overlay: bool = False,
-               allow_pickle: bool = False, config: Optional[ModelConfig] = None) -> tuple[OmniForcingTransformer, LoadReport]:
+               allow_pickle: bool = False, config: Optional[ModelConfig] = None,
+               dry_run: bool = False) -> tuple[OmniForcingTransformer, LoadReport]:
     """Load base weights, overlay a distilled generator on top, and return the model + what was done.
 
     weight_dtype: "default" (as stored), fp32/bf16/fp16, or fp8_e4m3fn/fp8_e5m2 (Linear weights
     stored in fp8 and upcast at compute). compute_dtype defaults to the weight dtype (bf16 for fp8).
+    dry_run: every check that needs no tensor data (what `info` runs), nothing read; the model stays on meta.
     """
     if weight_dtype != "default" and weight_dtype not in DTYPES:
         raise ValueError(f"weight_dtype '{weight_dtype}' unknown; use default, {', '.join(DTYPES)}")
@@ -240,10 +278,14 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
     cdt = _compute_dtype(compute_dtype, wdt, stored_counts)
     handles: dict = {}
     state = {}
+    _refuse_non_float(chosen, want)
     for k, (ref, km) in chosen.items():
         if tuple(ref.shape) != tuple(want[k].shape):
             raise CheckpointError(f"{ref.file}: '{ref.key}' has shape {ref.shape}, the model expects "
                                   f"{tuple(want[k].shape)}")
+        if dry_run:
+            state[k] = want[k]
+            continue
         t = _read(k, ref, km, handles)
         lin = _is_linear_weight(model, k)
         if wdt in FP8:
@@ -254,6 +296,8 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
             target = cdt if (t.dtype in FP8 and not lin) else t.dtype
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True, strict=True)
+    if not dry_run:
+        _warn_non_finite(state, chosen)
     model.compute_dtype = cdt
     model.eval().requires_grad_(False)
     lay_kind = layout or ("prefix" if cfg.num_audio_sinks else "v2")
