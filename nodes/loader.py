@@ -1,7 +1,6 @@
 """Model nodes: load OmniForcing weights into ComfyUI's model management, or reuse a native LTX-2 MODEL."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -12,7 +11,7 @@ from comfy_api.latest import io
 
 from ..omniforcing_core.checkpoint import KeyMap, TensorRef, scan, SAFETENSORS_DTYPES
 from ..omniforcing_core.layout import make_layout
-from ..omniforcing_core.loader import DTYPES, FP8, infer_config, load_model, resolve_conventions
+from ..omniforcing_core.loader import FP8, as_dtype, infer_config, load_model, resolve_conventions
 from ..omniforcing_core.model import OmniForcingTransformer
 from .common import ATTACHMENT, CATEGORY, HostModule, ModelHandle, adopt_modules, log
 
@@ -83,8 +82,8 @@ def _stored_dtype(path: Path) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "bf16")
+def _dtype_name(dt: torch.dtype | None) -> str:
+    return "as stored" if dt is None else str(dt).removeprefix("torch.")
 
 
 def eager_operations():
@@ -132,27 +131,28 @@ def _convention_inputs():
     ]
 
 
-def load_managed(gen_path: Path, base_path, weight_dtype: str = "default", layout: str = "auto",
+def load_managed(gen_path: Path, base_path, weight_dtype: torch.dtype | str | None = None, layout: str = "auto",
                  conventions: dict | None = None, label: str = "OmniForcing"):
     """Load a generator (over an optional base) with comfy.ops layers into a CoreModelPatcher that
-    carries our handle: (patcher, info line)."""
+    carries our handle: (patcher, info line). weight_dtype: None (as stored) or a dtype (or its name)."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
     load_device, offload = mm.get_torch_device(), mm.unet_offload_device()
-    wdt = DTYPES.get(weight_dtype) or _stored_dtype(gen_path)
+    weight_dtype = as_dtype(weight_dtype, "weight_dtype")
+    wdt = weight_dtype or _stored_dtype(gen_path)
     # compute dtype the way ComfyUI picks it for LTX-2 (bf16 or fp32 depending on the device)
     cast = mm.unet_manual_cast(wdt, load_device, [torch.bfloat16, torch.float32])
     cdt = cast or (torch.bfloat16 if wdt in FP8 else wdt)
     src, overlay = (base_path, gen_path) if base_path is not None else (gen_path, None)
-    transformer, report = load_model(src, overlay, weight_dtype=weight_dtype, compute_dtype=_dtype_name(cdt),
+    transformer, report = load_model(src, overlay, weight_dtype=weight_dtype, compute_dtype=cdt,
                                      device=offload, operations=eager_operations(), conventions=conventions or {})
     kind = _layout_kind(layout, report.config.num_audio_sinks)
     host = HostModule(transformer, manual_cast_dtype=cdt, device=offload)
     patcher = comfy.model_patcher.CoreModelPatcher(host, load_device=load_device, offload_device=offload)
     conv = report.conventions
     info = (f"{label} {report.config.num_layers} layers, {report.num_params / 1e9:.3f} B params, "
-            f"weights {report.weight_dtype}, compute {_dtype_name(cdt)}, layout {kind}, "
+            f"weights {_dtype_name(report.weight_dtype)}, compute {_dtype_name(report.compute_dtype)}, layout {kind}, "
             f"rope {conv.rope_kind}/{conv.rope_precision} ({conv.source.get('rope_kind')}), "
             f"av gate x{conv.av_ca_timestep_scale_multiplier:g}, "
             f"text connectors {'yes' if report.config.connectors else 'no (use 7680-wide LTX-2.0 conditioning)'}")
@@ -198,15 +198,16 @@ class OmniForcingModelLoader(io.ComfyNode):
         base_path = None if base == NONE else resolve_source(base)
         if base_path is not None and base_path == gen_path:
             base_path = None
-        patcher, info = load_managed(gen_path, base_path, weight_dtype, layout,
+        patcher, info = load_managed(gen_path, base_path, as_dtype(weight_dtype, "weight_dtype"), layout,
                                      _conventions(rope, rope_precision, av_gate_multiplier))
         return io.NodeOutput(patcher, info)
 
 
-def _native_keymap(dm: torch.nn.Module, unet_config: dict) -> KeyMap:
+def _native_source(dm: torch.nn.Module, unet_config: dict) -> tuple[KeyMap, dict]:
+    """The native model's parameters as the core's KeyMap, and its unet_config as the parsed header."""
     refs = {k: TensorRef(Path("<native MODEL>"), k, str(p.dtype), tuple(p.shape)) for k, p in dm.named_parameters()}
     header = {k: v for k, v in (unet_config or {}).items() if isinstance(v, (str, int, float, bool, list))}
-    return KeyMap(refs, "", [], {"config": json.dumps({"transformer": header})})
+    return KeyMap(refs, "", []), header
 
 
 class OmniForcingFromNativeModel(io.ComfyNode):
@@ -235,9 +236,9 @@ class OmniForcingFromNativeModel(io.ComfyNode):
             raise ValueError(f"this MODEL is a {type(dm).__name__ or type(base).__name__}, not LTX-2 audio-video; "
                              f"load the LTX-2 checkpoint or the OmniForcing generator with a native loader")
         unet_config = getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
-        km = _native_keymap(dm, unet_config)
-        conv = resolve_conventions(km, None, _conventions(rope, rope_precision, av_gate_multiplier))
-        cfg = infer_config(km, conv, "native MODEL")
+        km, header = _native_source(dm, unet_config)
+        conv = resolve_conventions(km, None, _conventions(rope, rope_precision, av_gate_multiplier), base_header=header)
+        cfg = infer_config(km, conv, "native MODEL", header=header)
         with torch.device("meta"):
             ours = OmniForcingTransformer(cfg)
         adopt_modules(ours, dm)

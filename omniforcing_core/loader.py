@@ -29,6 +29,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def as_dtype(value, what: str = "dtype") -> Optional[torch.dtype]:
+    """A torch dtype, or its name (fp32, bf16, fp8_e4m3fn, float16, torch.bfloat16, ...), as a torch dtype;
+    None and "default" (as stored) stay None. Anything else is an error naming the choices."""
+    if value is None or value == "default":
+        return None
+    dt = value if isinstance(value, torch.dtype) else DTYPES.get(str(value).removeprefix("torch."))
+    if dt not in DTYPES.values():
+        raise ValueError(f"{what} '{value}' unknown; use a torch dtype or one of default, {', '.join(DTYPES)}")
+    return dt
+
+
 @dataclass
 class Conventions:
     rope_kind: str
@@ -47,8 +58,9 @@ class LoadReport:
     num_tensors: int
     num_params: int
     stored_dtypes: dict[str, int]
-    weight_dtype: str
+    weight_dtype: Optional[torch.dtype]  # Linear weights; None: as stored
     ignored: int
+    compute_dtype: torch.dtype
 
 
 def _header_transformer(km: Optional[KeyMap]) -> dict:
@@ -69,11 +81,15 @@ def _conventions_from_header(h: dict) -> dict:
     return out
 
 
-def resolve_conventions(base: KeyMap, overlay: Optional[KeyMap], override: Optional[dict]) -> Conventions:
+def resolve_conventions(base: KeyMap, overlay: Optional[KeyMap], override: Optional[dict], *,
+                        base_header: Optional[dict] = None) -> Conventions:
+    """`base_header`: the base's parsed `transformer` header when it is not in `base.metadata` (a model
+    already in memory); by default the header is read from the file's metadata."""
     layers = [("override", override or {}), ("overlay header", _conventions_from_header(_header_transformer(overlay)))]
     if overlay is not None:
         layers.append(("OmniForcing student default", STUDENT_CONVENTIONS))
-    layers += [("base header", _conventions_from_header(_header_transformer(base))),
+    h = base_header if base_header is not None else _header_transformer(base)
+    layers += [("base header", _conventions_from_header(h)),
                ("default", STUDENT_CONVENTIONS)]
     vals, src = {}, {}
     for name, d in layers:
@@ -89,10 +105,12 @@ def _shape(refs: dict[str, TensorRef], key: str, src: str) -> tuple[int, ...]:
     return refs[key].shape
 
 
-def infer_config(km: KeyMap, conventions: Conventions, src: str = "checkpoint") -> ModelConfig:
-    """Sizes from shapes; head counts from the header when present (else LTX-2's 32 heads)."""
+def infer_config(km: KeyMap, conventions: Conventions, src: str = "checkpoint", *,
+                 header: Optional[dict] = None) -> ModelConfig:
+    """Sizes from shapes; head counts from the header when present (else LTX-2's 32 heads). `header`: the
+    parsed `transformer` header, when it is not in `km.metadata` (by default it is read from there)."""
     refs = km.refs
-    h = _header_transformer(km)
+    h = header if header is not None else _header_transformer(km)
     dv, cin = _shape(refs, "patchify_proj.weight", src)
     da, cain = _shape(refs, "audio_patchify_proj.weight", src)
     cap = _shape(refs, "caption_projection.linear_1.weight", src)[1]
@@ -157,10 +175,10 @@ def _diff_message(kind: str, src: str, prefix: str, missing: list[str], unexpect
     return "\n".join(lines)
 
 
-def _compute_dtype(requested: Optional[str], wdt: Optional[torch.dtype], stored: dict[str, int]) -> torch.dtype:
+def _compute_dtype(requested: Optional[torch.dtype], wdt: Optional[torch.dtype], stored: dict[str, int]) -> torch.dtype:
     """Explicit choice, else the weight dtype, else the most common stored float dtype (bf16 for fp8)."""
-    if requested:
-        return DTYPES[requested]
+    if requested is not None:
+        return requested
     if wdt is not None and wdt not in FP8:
         return wdt
     floats = {SAFETENSORS_DTYPES.get(d, getattr(torch, d.replace("torch.", ""), None)): n for d, n in stored.items()}
@@ -226,19 +244,20 @@ def _is_linear_weight(model: torch.nn.Module, key: str) -> bool:
 
 
 def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None, *,
-               weight_dtype: str = "default", compute_dtype: Optional[str] = None, device="cpu",
+               weight_dtype: torch.dtype | str | None = None, compute_dtype: torch.dtype | str | None = None,
+               device="cpu",
                operations=None, conventions: Optional[dict] = None, layout: Optional[str] = None,
                drop_sinks: bool = False, allow_partial_overlay: bool = False,
                allow_pickle: bool = False, config: Optional[ModelConfig] = None,
                dry_run: bool = False) -> tuple[OmniForcingTransformer, LoadReport]:
     """Load base weights, overlay a distilled generator on top, and return the model + what was done.
 
-    weight_dtype: "default" (as stored), fp32/bf16/fp16, or fp8_e4m3fn/fp8_e5m2 (Linear weights
+    weight_dtype: None (as stored), float32/bfloat16/float16, or float8_e4m3fn/float8_e5m2 (Linear weights
     stored in fp8 and upcast at compute). compute_dtype defaults to the weight dtype (bf16 for fp8).
+    Both take a torch dtype or its name (`as_dtype`: "fp8_e4m3fn", "bf16", "default", ...).
     dry_run: every check that needs no tensor data (what `info` runs), nothing read; the model stays on meta.
     """
-    if weight_dtype != "default" and weight_dtype not in DTYPES:
-        raise ValueError(f"weight_dtype '{weight_dtype}' unknown; use default, {', '.join(DTYPES)}")
+    wdt, requested_cdt = as_dtype(weight_dtype, "weight_dtype"), as_dtype(compute_dtype, "compute_dtype")
     bkm = scan(base, allow_pickle)
     okm = scan(overlay, allow_pickle) if overlay is not None else None
     conv = resolve_conventions(bkm, okm, conventions)
@@ -271,11 +290,10 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
             if tuple(r.shape) != tuple(want[k].shape):
                 raise CheckpointError(f"overlay {overlay}: '{k}' has shape {r.shape}, the base has {tuple(want[k].shape)}")
             chosen[k] = (r, okm)
-    wdt = DTYPES.get(weight_dtype)
     stored_counts: dict[str, int] = {}
     for ref, _ in chosen.values():
         stored_counts[ref.dtype] = stored_counts.get(ref.dtype, 0) + 1
-    cdt = _compute_dtype(compute_dtype, wdt, stored_counts)
+    cdt = _compute_dtype(requested_cdt, wdt, stored_counts)
     handles: dict = {}
     state = {}
     _refuse_non_float(chosen, want)
@@ -304,9 +322,8 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
     lay = make_layout(lay_kind, num_sinks=cfg.num_audio_sinks)
     model.check_layout(lay)
     report = LoadReport(cfg, lay, conv, bkm.prefix, okm.prefix if okm else None, len(state),
-                        sum(t.numel() for t in state.values()), stored_counts,
-                        weight_dtype if weight_dtype != "default" else "as stored",
-                        len(bkm.ignored) + (len(okm.ignored) if okm else 0))
+                        sum(t.numel() for t in state.values()), stored_counts, wdt,
+                        len(bkm.ignored) + (len(okm.ignored) if okm else 0), cdt)
     return model, report
 
 

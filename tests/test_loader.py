@@ -126,11 +126,48 @@ def test_sizes_and_sinks_inferred_from_shapes(tmp_path):
     assert rep.layout.kind == "v2" and not hasattr(loaded, "audio_sink_tokens")
 
 
-@pytest.mark.parametrize("wd,expect", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("wd,expect", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32),
+                                       (torch.bfloat16, torch.bfloat16), ("torch.float16", torch.float16)])
 def test_weight_dtype_choice(tmp_path, wd, expect):
     p = _write(random_model(TINY, seed=1), tmp_path / "m.safetensors")
-    m, _ = load_model(p, weight_dtype=wd)
+    m, rep = load_model(p, weight_dtype=wd)
     assert {t.dtype for t in m.state_dict().values()} == {expect}
+    assert rep.weight_dtype == expect and rep.compute_dtype == expect
+
+
+def test_dtypes_are_torch_dtypes_or_their_names(tmp_path):
+    from omniforcing_core.loader import as_dtype
+    assert as_dtype(None) is None and as_dtype("default") is None
+    assert as_dtype("fp8_e4m3fn") is torch.float8_e4m3fn and as_dtype(torch.float8_e5m2) is torch.float8_e5m2
+    assert as_dtype("bfloat16") is as_dtype("bf16") is as_dtype("torch.bfloat16") is torch.bfloat16
+    for bad in ("fp4", torch.int8, 3):
+        with pytest.raises(ValueError, match="unknown; use a torch dtype or one of default"):
+            as_dtype(bad)
+    p = _write(random_model(TINY, seed=1), tmp_path / "m.safetensors")
+    m, rep = load_model(p, weight_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert m.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn and m.dtype == torch.float32
+    assert rep.weight_dtype == torch.float8_e4m3fn and rep.compute_dtype == torch.float32
+    _, rep = load_model(p)  # as stored: no weight dtype, the stored one computes
+    assert rep.weight_dtype is None and rep.compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype 'fp33' unknown"):
+        load_model(p, compute_dtype="fp33")
+
+
+def test_a_parsed_header_is_passed_without_metadata(tmp_path):
+    """A model already in memory (ComfyUI's native MODEL) gives its header as a dict, not as file metadata."""
+    from omniforcing_core.checkpoint import KeyMap
+    from omniforcing_core.loader import infer_config, resolve_conventions
+    cfg = TINY.replace(video_heads=4, video_head_dim=16, rope=RopeConfig("split", "float64"),
+                       av_ca_timestep_scale_multiplier=1000.0, timestep_scale_multiplier=500.0)
+    p = _write(random_model(cfg, seed=1), tmp_path / "m.safetensors")
+    bare = KeyMap(scan(p).refs, "", [])  # the shapes only: no metadata at all
+    header = header_for(cfg)
+    conv = resolve_conventions(bare, None, None, base_header=header)
+    assert (conv.rope_kind, conv.rope_precision, conv.av_ca_timestep_scale_multiplier) == ("split", "float64", 1000.0)
+    assert conv.source["rope_kind"] == "base header"
+    assert infer_config(bare, conv, header=header) == cfg  # head counts (4 x 16, not 32 x 2) from the dict
+    assert infer_config(bare, conv, header=header) == infer_config(scan(p), resolve_conventions(scan(p), None, None))
+    assert resolve_conventions(bare, None, None).source["rope_kind"] == "default"  # without it: defaults
 
 
 @pytest.mark.parametrize("fp8", ["fp8_e4m3fn", "fp8_e5m2"])
@@ -176,8 +213,8 @@ def test_truncated_and_corrupt_files_give_clear_errors(tmp_path):
         load_model(tmp_path / "tiny.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "nope.safetensors")
+    save_safetensors(FOREIGN, tmp_path / "vae.safetensors")  # a valid file, just not a transformer
     with pytest.raises(CheckpointError, match="no transformer weights"):
-        save_safetensors(FOREIGN, tmp_path / "vae.safetensors")
         load_model(tmp_path / "vae.safetensors")
 
 
