@@ -90,6 +90,8 @@ class StreamCache:
         self._masks: dict[str, torch.Tensor] = {}
         self.head = 0  # newest block begun
         self._reserved_slots = 0
+        self.on_grow = None  # called with the bytes about to be allocated (memory checks)
+        self.k_item = torch.empty((), dtype=dtype).element_size()
 
     def reserve(self, num_blocks: int) -> None:
         """Allocate for a known length up front (no regrowth, exact bytes)."""
@@ -169,6 +171,8 @@ class StreamCache:
             slots = min(slots, self.policy.max_slots)
         cap = self.sink_len[kind] + slots * self.slot_len[kind]
         shape = (self.batch, cap, self.dims[kind])
+        if self.on_grow is not None:
+            self.on_grow(2 * (cap - have) * self.dims[kind] * self.batch * self.k_item)
         for store in (self.k[layer], self.v[layer]):
             new = torch.zeros(shape, device=self.device, dtype=self.dtype)
             if kind in store:
@@ -198,11 +202,19 @@ class StreamCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in (self.k + self.v) for t in layer.values())
 
-    def estimate_bytes(self, num_blocks: int) -> int:
-        """Bytes the buffers reach after `num_blocks` blocks (for memory planning before allocating)."""
-        slots = max(0, num_blocks - 1)
-        if self.policy.max_slots is not None:
-            slots = min(slots, self.policy.max_slots)
+    def _slots_after(self, num_blocks: Optional[int]) -> int:
+        if num_blocks is None and self.policy.max_slots is None:
+            raise ValueError("an open-ended stream without a window has no final cache size")
+        slots = self.policy.max_slots if num_blocks is None else max(0, num_blocks - 1)
+        return slots if self.policy.max_slots is None else min(slots, self.policy.max_slots)
+
+    def valid_len_after(self, num_blocks: Optional[int], kind: str) -> int:
+        """Keys of `kind` a block reads once `num_blocks` blocks are in (or the window is full)."""
+        return self.sink_len[kind] + self._slots_after(num_blocks) * self.slot_len[kind]
+
+    def estimate_bytes(self, num_blocks: Optional[int]) -> int:
+        """Bytes the buffers reach after `num_blocks` blocks (None: once the window is full), for
+        memory planning before allocating."""
         item = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = sum((self.sink_len[k] + slots * self.slot_len[k]) * self.dims[k] for k in KINDS)
+        per_layer = sum(self.valid_len_after(num_blocks, k) * self.dims[k] for k in KINDS)
         return 2 * self.num_layers * self.batch * per_layer * item

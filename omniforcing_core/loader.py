@@ -306,17 +306,13 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
             continue
         t = _read(k, ref, km, handles)
         lin = _is_linear_weight(model, k)
-        if wdt in FP8:
-            target = wdt if lin else cdt  # only Linear weights are stored in fp8
-        elif wdt is not None:
-            target = wdt
-        else:
-            target = cdt if (t.dtype in FP8 and not lin) else t.dtype
+        # Linear weights as asked (or as stored; fp8 is upcast per layer at compute); every other
+        # tensor (tables, norms, sinks) in the compute dtype, so the model's dtype is its compute dtype
+        target = (wdt or t.dtype) if lin else cdt
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, assign=True, strict=True)
     if not dry_run:
         _warn_non_finite(state, chosen)
-    model.compute_dtype = cdt
     model.eval().requires_grad_(False)
     lay_kind = layout or ("prefix" if cfg.num_audio_sinks else "v2")
     lay = make_layout(lay_kind, num_sinks=cfg.num_audio_sinks)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional, Protocol, Union
 
 import torch
 
+from .budget import check_fits, check_stream, gib
 from .cache import CachePolicy, StreamCache
 from .flow import noisy, predict_x0
 from .layout import Block, Clip
@@ -89,10 +90,15 @@ class CachedBackend:
     def __init__(self, model: OmniForcingTransformer, clip: Clip, policy: CachePolicy = CachePolicy(),
                  batch: Optional[int] = None, runtime: Runtime = Runtime()):
         self.model, self.runtime, self.grid = model, runtime, clip.grid
-        self.cache: StreamCache = model.new_cache(clip.layout, clip.grid, policy, batch or clip.batch,
-                                                  dtype=runtime.dtype_of(model))
+        batch, dtype = batch or clip.batch, runtime.dtype_of(model)
+        check_stream(model, clip, policy, batch, dtype)  # before anything is allocated
+        self.cache: StreamCache = model.new_cache(clip.layout, clip.grid, policy, batch, dtype=dtype)
         if clip.num_blocks is not None and policy.window is None:
             self.cache.reserve(clip.num_blocks)
+        elif clip.num_blocks is None and policy.window is None:  # open-ended keep-all: check each growth
+            self.cache.on_grow = lambda n: check_fits(
+                n, model.device, f"growing the keep-all KV cache by {gib(n)}",
+                "stop here, or restart with a rolling window (e.g. window=4) for open-ended streams")
         self.ropes = None
         self.history: dict[int, tuple] = {}  # block index -> (block, x, sigma) of its clean context
 

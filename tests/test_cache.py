@@ -127,3 +127,29 @@ def test_wrong_token_count_is_refused():
     cache.begin_block(LAYOUT.block(1))
     with pytest.raises(ValueError, match="tokens for a block of"):
         cache.update(0, "video_self", torch.zeros(1, 5, 4), torch.zeros(1, 5, 4))
+
+
+def test_a_stream_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    """Keep-all for a huge length, and a huge frame, fail at once with the numbers and the fix."""
+    from omniforcing_core import budget
+    from omniforcing_core.config import TINY
+    from omniforcing_core.embedded import random_model
+    from omniforcing_core.layout import Clip
+    from omniforcing_core.sampling import Sampler
+
+    model = random_model(TINY)
+    text = model.text_kv(torch.zeros(1, 2, TINY.caption_channels), torch.zeros(1, 2, TINY.caption_channels))
+    free = budget.HEADROOM + 64 * 2 ** 20
+    monkeypatch.setattr(budget, "available_bytes", lambda device: free)  # 64 MiB above the headroom
+    with pytest.raises(budget.ResourceError, match=r"needs .* GiB .*free.*rolling window"):
+        Sampler(model, Clip(LAYOUT, 64, 64, 36000), text)  # 10 h keep-all
+    with pytest.raises(budget.ResourceError, match="smaller frame"):
+        Sampler(model, Clip(LAYOUT, 32 * 3000, 32 * 3000, 5), text, policy=CachePolicy(window=2))
+    s = Sampler(model, Clip(LAYOUT, 64, 64, 36000), text, policy=CachePolicy(window=2))  # a window fits
+    assert budget.stream_bytes(model, s.clip, CachePolicy(window=2), 1, torch.float32) < free
+    # an open-ended keep-all stream grows until the next growth would not fit
+    monkeypatch.setattr(budget, "available_bytes", lambda device: budget.HEADROOM + 2 * 2 ** 20)
+    s = Sampler(model, Clip(LAYOUT, 64, 64, None), text)
+    with pytest.raises(budget.ResourceError, match="growing the keep-all KV cache"):
+        for _ in s:
+            pass
