@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from comfy_api.latest import io
 
+from ..omniforcing_core.budget import stream_bytes
 from ..omniforcing_core.cache import CachePolicy
 from ..omniforcing_core.layout import Clip, LayoutError, make_clip, make_layout
 from ..omniforcing_core.prompts import PromptError, PromptTimeline, TextContext, resolve_prompts
@@ -127,23 +128,10 @@ def plan_run(model, positive, width, height, seconds, seed, steps, window, layou
 
 
 def memory_estimate(rp: RunPlan) -> int:
-    """Bytes to keep free besides the weights: the KV cache for this window and size, plus one
-    block's activations (including attention scores when the kernel materialises them)."""
-    ours, spec = rp.handle.transformer, rp.clip
-    batch = spec.batch * rp.cfg_batch
-    cache = ours.new_cache(spec.layout, spec.grid, rp.policy, batch)
-    kv = cache.estimate_bytes(spec.num_blocks)
-    item = torch.empty((), dtype=ours.dtype).element_size()
-    cfg, (h, w) = ours.config, spec.grid
-    b0, b1 = spec.layout.block(0), spec.layout.block(min(1, spec.num_blocks - 1))
-    nv = max(b0.video_len, b1.video_len) * h * w
-    na = max(b0.audio_tokens, b1.audio_tokens)
-    slots = max(0, spec.num_blocks - 1)
-    if rp.policy.max_slots is not None:
-        slots = min(slots, rp.policy.max_slots)
-    keys_v = cache.sink_len["video_self"] + slots * cache.slot_len["video_self"]
-    act = batch * item * (16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v)
-    return int(kv + act + 256 * 2 ** 20)
+    """Bytes to keep free besides the weights (the core's estimate: KV cache + one block's activations)."""
+    ours = rp.handle.transformer
+    dtype = rp.handle.compute_dtype or ours.dtype
+    return stream_bytes(ours, rp.clip, rp.policy, rp.clip.batch * rp.cfg_batch, dtype)
 
 
 def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:

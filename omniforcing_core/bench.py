@@ -13,16 +13,39 @@ import time
 import torch
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("rolling", "full", "prefix")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 or a negative is an error, never a silent default)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be 1 or more")
+    return n
+
+
+def mode_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad or [text]}; choose from {','.join(MODES)}")
+    return modes
+
+
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="per-block latency / cache bytes of rolling vs full cache vs prefix re-run")
     b.add_argument("--config", default="bench")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default=None, help="fp32/bf16/fp16 (default fp32 on CPU, bf16 on CUDA)")
-    b.add_argument("--height", type=int, default=None)
-    b.add_argument("--width", type=int, default=None)
-    b.add_argument("--blocks", type=int, default=None)
-    b.add_argument("--window", type=int, default=2)
-    b.add_argument("--modes", default="rolling,full,prefix")
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--height", type=positive_int, default=None, help="pixels, a multiple of 32")
+    b.add_argument("--width", type=positive_int, default=None, help="pixels, a multiple of 32")
+    b.add_argument("--blocks", type=positive_int, default=None)
+    b.add_argument("--window", type=positive_int, default=2)
+    b.add_argument("--modes", type=mode_list, default=list(MODES), help="comma-separated: rolling,full,prefix")
     b.add_argument("--parallel-modalities", action="store_true",
                    help="run video and audio halves of each layer on two CUDA streams")
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,31 +87,35 @@ def run(args) -> int:
     from .cache import CachePolicy
     from .config import get_config
     from .embedded import random_model, toy_text
-    from .layout import Clip, make_layout
+    from .layout import make_clip, make_layout
     from .model import Runtime
     from .sampling import PrefixBackend, Sampler
 
-    dev = torch.device(args.device)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device '{args.device}' is not a device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
     big = args.config.startswith("ltx2")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
-    height = args.height or (512 if big else 192)
-    width = args.width or (768 if big else 288)
-    blocks = args.blocks or (5 if big else 10)
+    dtype = DTYPES[args.dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    height = 512 if big and args.height is None else (args.height or 192)
+    width = 768 if big and args.width is None else (args.width or 288)
+    blocks = args.blocks or (5 if big else 10)  # None only: 0 is refused by positive_int
+    layout = make_layout("v2")
+    clip = make_clip(layout, height, width, num_blocks=blocks)  # a bad size fails before the model is built
     cfg = get_config(args.config)
     t_load = time.perf_counter()
     model = random_model(cfg, seed=0, dtype=dtype, device=dev)
     runtime = Runtime(parallel_modalities=args.parallel_modalities)
     load_s = time.perf_counter() - t_load
     text = toy_text(model, "a red ball bounces twice")
-    layout = make_layout("v2")
-    clip = Clip(layout, height, width, blocks, seed=0)
     modes = {"rolling": CachePolicy(window=args.window), "full": CachePolicy(), "prefix": None}
     out = {"config": args.config, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
            "height": height, "width": width, "blocks": blocks, "window": args.window,
            "threads": torch.get_num_threads(), "model_build_s": round(load_s, 3), "modes": {}}
     frames_total = layout.time.video.frames_for_latents(layout.latents_for_blocks(blocks)[0])
-    for name in args.modes.split(","):
+    for name in args.modes:
         policy = modes[name]
         backend = PrefixBackend(model, clip, runtime=runtime) if policy is None else None
         sampler = Sampler(model, clip, text, policy=policy or CachePolicy(), backend=backend, runtime=runtime)

@@ -80,10 +80,10 @@ class TimeBase:
     def latent_grid(self, height: int, width: int) -> tuple[int, int]:
         """(H/32, W/32) with a clear error naming the nearest valid size."""
         s = self.spatial_stride
-        for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % s:
-                near = max(s, int(round(v / s)) * s)
-                raise LayoutError(f"{name}={v} is not a positive multiple of {s}; nearest valid {name} is {near}")
+        bad = [f"{name}={v} is not a positive multiple of {s}; nearest valid {name} is {max(s, int(round(v / s)) * s)}"
+               for name, v in (("width", width), ("height", height)) if v <= 0 or v % s]
+        if bad:  # every bad dimension at once
+            raise LayoutError("; ".join(bad))
         return height // s, width // s
 
 

@@ -43,3 +43,18 @@ def test_info_on_a_bad_file_is_a_clear_error(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"12345678")
     r = _cli("info", str(tmp_path / "x.safetensors"))
     assert r.returncode == 2 and "error:" in r.stderr and "safetensors" in r.stderr
+
+
+def test_bench_arguments_are_checked_not_defaulted(capsys):
+    """0 blocks, an unknown dtype or mode, and a bad size are errors naming the fix, before any model is built."""
+    import pytest
+
+    from omniforcing_core.cli import main
+    for argv, needle in ((["--blocks", "0"], "must be 1 or more"), (["--dtype", "fp7"], "invalid choice"),
+                         (["--modes", "rolling,fast"], "unknown mode"), (["--height", "-3"], "must be 1 or more")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", *argv])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert main(["bench", "--height", "100", "--width", "130"]) == 2
+    err = capsys.readouterr().err
+    assert "nearest valid width is 128" in err and "nearest valid height is 96" in err

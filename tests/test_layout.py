@@ -55,6 +55,7 @@ def test_any_resolution_gives_tokens_per_latent_from_size():
 @pytest.mark.parametrize("kw, needle", [
     (dict(height=500, width=768, seconds=5), "nearest valid height is 512"),
     (dict(height=512, width=770, seconds=5), "nearest valid width is 768"),
+    (dict(height=130, width=100, seconds=5), "width=100 .* nearest valid width is 96; height=130 .* nearest valid height is 128"),
     (dict(height=512, width=768, num_frames=120), "nearest valid frame count is 121"),
     (dict(height=512, width=768, num_frames=129), "nearest valid: 16 latents = 121 frames"),
     (dict(height=512, width=768, seconds=0), "nearest valid is 1"),
