@@ -30,6 +30,10 @@ from .schedule import Schedule, make_schedule
 from .text import TextKV
 
 
+class NonFiniteError(ArithmeticError):
+    """A block came out NaN/Inf; the stream stops there (files made so far stay valid)."""
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance with separate scales (off unless a negative prompt is given)."""
@@ -287,11 +291,23 @@ class Sampler:
                 self.on_step(block, i, self.schedule.steps)
             if self.should_stop is not None and self.should_stop():
                 raise InterruptedError(f"stopped during block {block.index}")
-        # 4. Run the clean block once more so later blocks attend to clean K/V.
+        # 4. A NaN/Inf block would poison every later block through the cache: stop here instead.
+        self._check_finite(block, x0)
+        # 5. Run the clean block once more so later blocks attend to clean K/V.
         tr = _time.perf_counter()
         self.commit(block, x0, text)
         now = _time.perf_counter()
         return BlockResult(block, x0.video, x0.audio, prompt_index, step_ms, (now - tr) * 1000, (now - t0) * 1000)
+
+    def _check_finite(self, block: Block, x0: AV) -> None:
+        bad = [name for name, t in (("video", x0.video), ("audio", x0.audio)) if not bool(torch.isfinite(t).all())]
+        if bad:
+            dt = self.work_dtype if self.model.dtype == self.work_dtype else self.model.dtype
+            raise NonFiniteError(
+                f"block {block.index} ({block.t_start:g}-{block.t_end:g} s) came out with NaN/Inf {' and '.join(bad)} "
+                f"latents; the stream stops here. Check the weights for NaN/Inf (the loader warns about them) or run "
+                f"in another dtype (computing in {str(dt).replace('torch.', '')}; fp16 overflows easily: use bf16 or "
+                f"fp32)")
 
     def __iter__(self) -> Iterator[BlockResult]:
         for block in self.clip.blocks():
@@ -326,5 +342,5 @@ def generate_reference(model: OmniForcingTransformer, clip: Clip, prompts: Promp
                     runtime=runtime, **kw)
 
 
-__all__ = ["Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream", "generate",
+__all__ = ["NonFiniteError", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream", "generate",
            "generate_reference"]

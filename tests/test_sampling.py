@@ -204,3 +204,18 @@ def test_should_stop_interrupts_between_steps(setup):
         for r in s:
             done.append(r)
     assert len(done) == 1  # the finished block was delivered before the stop
+
+
+def test_a_non_finite_block_stops_the_stream_with_a_clear_error(setup):
+    from omniforcing_core.sampling import NonFiniteError
+    model, text, spec = setup
+    ok = list(stream(model, Clip(spec.layout, spec.height, spec.width, 2, spec.seed), text))
+    assert len(ok) == 2  # negative control: finite weights stream on
+    broken = random_model(TINY, dtype=torch.float64)
+    with torch.no_grad():
+        broken.proj_out.bias[0] = float("nan")
+    done = []
+    with pytest.raises(NonFiniteError, match=r"block 0 .*NaN/Inf video.*latents.*dtype"):
+        for r in stream(broken, spec, text):
+            done.append(r)
+    assert done == []
