@@ -98,7 +98,7 @@ def test_toy_workflow_runs_the_embedded_student_like_the_core(host):
 
     from omniforcing_core.embedded import load_default
     from omniforcing_core.layout import make_clip
-    from omniforcing_core.sampling import StreamSpec, generate
+    from omniforcing_core.sampling import generate
 
     g = load_api_workflow("omniforcing_toy_demo")
     (sampler,) = nodes_of(g, "OmniForcingSampler")
@@ -116,9 +116,9 @@ def test_toy_workflow_runs_the_embedded_student_like_the_core(host):
 
     d = load_default()
     s = g[sampler]["inputs"]
-    clip = make_clip(d.layout, s["height"], s["width"], seconds=s["seconds"])
+    clip = make_clip(d.layout, s["height"], s["width"], seconds=s["seconds"], seed=s["seed"])
     with torch.no_grad():
-        v, a = generate(d.model, StreamSpec.from_clip(clip, seed=s["seed"]), d.text(g[enc]["inputs"]["text"]))
+        v, a = generate(d.model, clip, d.text(g[enc]["inputs"]["text"]))
     t = tensors(host, "toy")
     assert t["video_latent"].shape == v.shape and t["audio_latent"].shape == a.shape
     assert (t["video_latent"] - v).abs().max() < 1e-4 and (t["audio_latent"] - a).abs().max() < 1e-4
