@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import time
 
 import torch
 
@@ -90,8 +92,43 @@ def main(argv=None) -> int:
     _demo.add_parser(sub)
     _bench.add_parser(sub)
     args = p.parse_args(argv)
+    from .media import MediaError
+
+    restore = _sigterm_as_interrupt()
+    started = time.monotonic()
     try:
         return args.fn(args)
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: the command has already closed its files on the way out (the demo's
+        # streamer ends the MP4 on a whole fragment and the playlist with #EXT-X-ENDLIST)
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+        out = getattr(args, "out", None)
+        where = f"; the files in {out} are closed and playable" if out else ""
+        print(f"stopped by {name} after {time.monotonic() - started:.1f} s{where}", file=sys.stderr)
+        return code
+    except MediaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        restore()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so `finally:` blocks close files; exit status 143."""
+
+
+def _sigterm_as_interrupt():
+    """Install a SIGTERM handler raising Terminated (unless one is set already); returns the undo."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    try:
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return lambda: None
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,6 +30,10 @@ class MediaError(RuntimeError):
     """ffmpeg failed or the input cannot be encoded as asked; the message says why."""
 
 
+class NonFiniteError(MediaError):
+    """The frames or audio to encode hold NaN/Inf (a diverged model or decoder)."""
+
+
 @lru_cache(maxsize=1)
 def ffmpeg_exe() -> str:
     import imageio_ffmpeg
@@ -36,12 +41,27 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def child_process_options() -> dict:
+    """Popen options for our ffmpeg children: their own session / process group, so a terminal's Ctrl-C
+    (sent to the whole foreground group) reaches only us. We then stop them in order: the AAC encoder
+    is flushed, not cut off mid-stream, and a half-run x264 is killed by `subprocess.run` itself."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def ffmpeg_path_arg(path: PathLike) -> str:
+    """A file path as ffmpeg must get it: absolute, so `-x.mp4` is not an option and `a:b.mp4` not a protocol."""
+    return os.path.abspath(os.fspath(path))
+
+
 def run_ffmpeg(args: list[str], input: Optional[bytes] = None, timeout: Optional[float] = None
                ) -> subprocess.CompletedProcess:
     """Run ffmpeg to completion. communicate() drains stdout and stderr while feeding stdin: no deadlock."""
     head = [ffmpeg_exe(), "-hide_banner"] + (["-nostdin"] if input is None else [])
     try:
-        proc = subprocess.run(head + args, input=input, capture_output=True, timeout=timeout)
+        proc = subprocess.run(head + args, input=input, capture_output=True, timeout=timeout,
+                              **child_process_options())
     except subprocess.TimeoutExpired as e:
         raise MediaError(f"ffmpeg did not finish within {timeout} s: {' '.join(args[:12])} ...") from e
     if proc.returncode != 0:
@@ -70,9 +90,20 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def to_uint8_frames(frames: Any) -> np.ndarray:
+def require_finite(a: np.ndarray, what: str) -> None:
+    """MediaError naming `what` if a float array holds NaN/Inf (one float64 sum: no big temporaries)."""
+    if a.dtype.kind != "f" or a.size == 0 or np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)):
+        return
+    bad = a.size - int(np.count_nonzero(np.isfinite(a)))  # the sum may overflow on finite values: count
+    if bad:
+        raise NonFiniteError(f"NaN/Inf in the {what}: {bad} of {a.size} values are not finite "
+                             f"(the model or its decoder diverged, e.g. overflow in half precision)")
+
+
+def to_uint8_frames(frames: Any, what: str = "frames") -> np.ndarray:
     """[N, H, W, 3] uint8 from uint8 or float-in-[0, 1] frames ([N,H,W], [N,H,W,1] and RGBA also accepted)."""
     a = _numpy(frames)
+    require_finite(a, what)
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3, 4):
@@ -96,9 +127,11 @@ def even_frames(frames: np.ndarray, odd_size: str = "pad") -> tuple[np.ndarray, 
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge"), True
 
 
-def to_waveform(audio: Any) -> np.ndarray:
+def to_waveform(audio: Any, what: str = "audio") -> np.ndarray:
     """float32 [C, T] from [T] (mono) or [C, T]; a leading batch of 1 is dropped."""
-    a = _numpy(audio).astype(np.float32, copy=False)
+    a = _numpy(audio)
+    require_finite(a, what)
+    a = a.astype(np.float32, copy=False)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
     if a.ndim == 1:
@@ -143,8 +176,13 @@ def write_mp4(path: PathLike, frames: Any, fps: float, audio: Any = None, sample
 
     Video goes through stdin and audio through a temporary raw file, so ffmpeg never waits on one
     pipe while we block writing the other. The MP4 muxer's edit list hides AAC priming.
+
+    The file is written under a temporary name beside `path` and renamed when complete: a failed
+    run never leaves a half file or destroys an earlier one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"{path} is a folder: give the MP4 a file name")
     video, padded = even_frames(to_uint8_frames(frames), odd_size)
     n, h, w = video.shape[:3]
     if n == 0:
@@ -160,12 +198,22 @@ def write_mp4(path: PathLike, frames: Any, fps: float, audio: Any = None, sample
             raw = Path(tmp) / "audio.f32"
             np.ascontiguousarray(wave.T).tofile(raw)  # interleaved
             out_rate = aac_rate(sample_rate)
-            args += ["-f", "f32le", "-ar", str(sample_rate), "-ac", str(wave.shape[0]), "-i", str(raw)]
+            args += ["-f", "f32le", "-ar", str(sample_rate), "-ac", str(wave.shape[0]),
+                     "-i", ffmpeg_path_arg(raw)]
         args += ["-map", "0:v:0", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p"]
         if wave is not None:
             args += ["-map", "1:a:0", "-c:a", "aac", "-b:a", audio_bitrate, "-ar", str(out_rate)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        run_ffmpeg(args + ["-movflags", "+faststart", str(path)], input=video.tobytes())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MediaError(f"cannot create the folder {path.parent} ({e.strerror}): choose another path") from None
+        part = path.with_name(f".{path.name}.part")
+        try:
+            run_ffmpeg(args + ["-movflags", "+faststart", "-f", "mp4", ffmpeg_path_arg(part)], input=video.tobytes())
+            os.replace(part, path)
+        finally:
+            if part.exists():
+                part.unlink()
     return WrittenMedia(path, w, h, n, float(fps), padded,
                         audio_samples=0 if wave is None else wave.shape[1],
                         sample_rate=None if wave is None else sample_rate,
@@ -229,7 +277,7 @@ _LAYOUT_CHANNELS = {"mono": 1, "stereo": 2}
 
 def _input_args(path: Path, tmp: str) -> list[str]:
     if path.suffix != ".m3u8":
-        return ["-i", str(path)]
+        return ["-i", ffmpeg_path_arg(path)]
     text = path.read_text()
     if "#EXT-X-ENDLIST" not in text:
         # A live playlist makes ffmpeg wait for new segments (minutes). Probe a snapshot: a copy that
@@ -244,7 +292,7 @@ def _input_args(path: Path, tmp: str) -> list[str]:
             lines.append(line)
         path = Path(tmp) / "snapshot.m3u8"
         path.write_text("\n".join(lines + ["#EXT-X-ENDLIST", ""]))
-    return ["-allowed_extensions", "ALL", "-i", str(path)]
+    return ["-allowed_extensions", "ALL", "-i", ffmpeg_path_arg(path)]
 
 
 def _run_on(path: Path, before_input: list[str], after_input: list[str]) -> subprocess.CompletedProcess:
@@ -327,7 +375,7 @@ def decode_video_gray(path: PathLike) -> np.ndarray:
 
 
 __all__ = [
-    "MediaError", "ffmpeg_exe", "run_ffmpeg", "rate_string", "aac_rate", "to_uint8_frames", "even_frames",
-    "to_waveform", "WrittenMedia", "write_mp4", "StreamInfo", "MediaInfo", "probe_media", "decode_audio",
-    "decode_video_gray",
+    "MediaError", "NonFiniteError", "ffmpeg_exe", "child_process_options", "ffmpeg_path_arg", "run_ffmpeg",
+    "rate_string", "aac_rate", "require_finite", "to_uint8_frames", "even_frames", "to_waveform", "WrittenMedia",
+    "write_mp4", "StreamInfo", "MediaInfo", "probe_media", "decode_audio", "decode_video_gray",
 ]
