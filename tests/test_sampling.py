@@ -219,3 +219,37 @@ def test_a_non_finite_block_stops_the_stream_with_a_clear_error(setup):
         for r in stream(broken, spec, text):
             done.append(r)
     assert done == []
+
+
+def test_noise_is_counter_based_and_equals_an_independent_python_computation():
+    """Element j of a block's noise is Box-Muller over splitmix64 hashes of counters, computed here in
+    plain Python: the tensors made on any device must be these numbers."""
+    import math
+
+    from omniforcing_core.noise import _mix, _splitmix64_int
+
+    def unit(z):
+        return ((z >> 11) + 0.5) * 2.0 ** -53
+
+    k = _splitmix64_int(_mix(7, 3, "audio", 2))
+    x = block_noise(7, 3, "audio", 2, (1, 8, 5, 16), dtype=torch.float64).flatten()
+    for j in (0, 1, 2, 101, 639):
+        p = j // 2
+        u1, u2 = unit(_splitmix64_int((2 * p) ^ k)), unit(_splitmix64_int((2 * p + 1) ^ k))
+        r, th = math.sqrt(-2 * math.log(u1)), 2 * math.pi * u2
+        want = r * math.cos(th) if j % 2 == 0 else r * math.sin(th)
+        assert abs(x[j].item() - want) < 1e-6 * max(1.0, abs(want))  # float32 numbers (noise is drawn in float32)
+    big = block_noise(0, 0, "video", 0, (1, 128, 4, 8, 8))
+    assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+
+
+def test_noise_is_made_on_the_gpu_without_syncs_and_equals_the_cpu_numbers():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        g = block_noise(5, 1, "video", 0, (2, 128, 3, 4, 6), device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    c = block_noise(5, 1, "video", 0, (2, 128, 3, 4, 6))
+    assert (g.cpu() - c).abs().max().item() < 1e-6
