@@ -31,7 +31,7 @@ Stops (issue 14). Whatever ends a stream, what is on disk is valid:
   tail is in the message), disk full, NaN/Inf output, x264 failing - does the same and then raises
   one MediaError. A dead encoder's unflushed audio is re-encoded from the PCM kept since its last
   packet, so even then audio and video end together.
-* ffmpeg children run in their own session: a terminal's Ctrl-C reaches only us. Ctrl-C/SIGTERM
+* ffmpeg children run in their own process group: a terminal's Ctrl-C reaches only us. Ctrl-C/SIGTERM
   (when Python handles them) wait until the block being written is whole; a second one does not wait.
 * Nothing of an earlier run is destroyed before this run has a block on disk: the MP4 is written as
   `.NAME.part` and renamed over NAME on the first fragment; stale segments go at the same moment.
@@ -551,7 +551,10 @@ class LiveWriter:
         self._samples_in = 0  # given to completed write()/write_audio() calls
         self._packets_muxed = 0
         self._audio_pending: list[bytes] = []  # taken from the encoder, not yet in a fragment
-        self._last_runs: list[TrackRun] = []
+        self._last_runs: list[TrackRun] = []  # the last block's fragment (its segment gets the audio tail)
+        self._block_sequence = 0
+        self._last_seconds = 0.0
+        self._hls_ready = False  # init.mp4 written for this stream
         self._blocks = 0
         self._seg_first = 0  # first segment in the playlist (#EXT-X-MEDIA-SEQUENCE)
         self._seg_next = 0
@@ -689,7 +692,7 @@ class LiveWriter:
             self._aac.trim_history(max(0, self._packets_muxed - 1) * AAC_FRAME * self.sample_rate
                                    // self.encoded_rate)
         self._blocks += 1
-        self._last_runs = runs
+        self._last_runs, self._block_sequence, self._last_seconds = runs, self._sequence, video.shape[0] / self.fps
         if first:
             self._publish()
         return self._write_segment(fragment, video.shape[0] / self.fps), len(fragment)
@@ -738,12 +741,13 @@ class LiveWriter:
                 return fn(*args)
             except OSError as e:
                 errors.append(str(self._disk_error(e)))
-            except MediaError as e:
+            except (MediaError, ValueError) as e:  # ValueError: a file already closed by a failed step
                 errors.append(str(e))
 
         step(_remove, self._reserve)  # its space is for what follows
         self._writing = self.paths.mp4
         step(self._drop_torn_tail)
+        tail: list[bytes] = []
         if self._aac and not self._sequence:
             self._aac.finish()  # nothing of this stream is on disk: no audio to add
         elif self._aac:
@@ -754,6 +758,7 @@ class LiveWriter:
             if tail and step(self._append_audio_tail, tail) is None:
                 step(self._drop_torn_tail)
             step(self._rewrite_init)
+        step(self._finish_hls, tail)
         _close_quietly(self._mp4)
         if not self._published:
             if self._sequence:
@@ -791,14 +796,26 @@ class LiveWriter:
         self._append(media_fragment(self._sequence + 1, [run]), commit=True)
         self._sequence += 1
         self._packets_muxed += len(tail)
-        if self.paths.hls_dir and self._seg_next and self._seg_sequence == self._sequence - 1:
-            # the last HLS segment gets the audio tail too, so every segment holds both tracks
-            video_run, audio_run = self._last_runs
-            merged = TrackRun(audio_run.track_id, audio_run.base_time, audio_run.samples + run.samples)
+        return True
+
+    def _finish_hls(self, tail: list[bytes]) -> None:
+        """The last block's segment gets the audio tail too (every segment holds both tracks, and the
+        playlist's audio ends with its video); a segment whose write failed (disk full) is written now."""
+        behind = self._seg_sequence != self._block_sequence
+        if not self.paths.hls_dir or not self._hls_ready or not self._blocks or not (tail or behind):
+            return
+        runs = list(self._last_runs)
+        if tail:
+            video_run, audio_run = runs
+            runs = [video_run, TrackRun(audio_run.track_id, audio_run.base_time,
+                                        audio_run.samples + [Sample(p, AAC_FRAME) for p in tail])]
+        fragment = media_fragment(self._block_sequence, runs)
+        if behind:
+            self._write_segment(fragment, self._last_seconds, playlist=False)
+        else:
             path = self.paths.hls_dir / segment_name(self._seg_next - 1)
             self._writing = path
-            _atomic_write(path, media_fragment(self._seg_sequence, [video_run, merged]))
-        return True
+            _atomic_write(path, fragment)
 
     def _rewrite_init(self) -> None:
         """The init segment again, same size, with the exact audio length (trims the AAC end padding)."""
@@ -866,7 +883,13 @@ class LiveWriter:
         """The first fragment is whole: the MP4 takes its name (replacing an earlier run's), and the
         HLS folder drops that run's segments."""
         self._writing = self.paths.mp4
-        os.replace(self._part, self.paths.mp4)
+        if os.name == "nt":  # Windows cannot rename an open file: close, rename, open again at the end
+            self._mp4.close()
+            os.replace(self._part, self.paths.mp4)
+            self._mp4 = open(self.paths.mp4, "r+b", buffering=0)
+            self._mp4.seek(self._committed)
+        else:
+            os.replace(self._part, self.paths.mp4)
         self._published = True
         if self.paths.hls_dir:
             self._writing = self.paths.hls_dir
@@ -875,8 +898,9 @@ class LiveWriter:
                     _remove(p)
             self._writing = self.paths.hls_dir / "init.mp4"
             _atomic_write(self._writing, self._init)
+            self._hls_ready = True
 
-    def _write_segment(self, fragment: bytes, seconds: float) -> Optional[Path]:
+    def _write_segment(self, fragment: bytes, seconds: float, playlist: bool = True) -> Optional[Path]:
         if not self.paths.hls_dir:
             return None
         index = self._seg_next
@@ -884,12 +908,13 @@ class LiveWriter:
         self._writing = path
         _atomic_write(path, fragment)
         self._seg_next += 1
-        self._seg_sequence = self._sequence
+        self._seg_sequence = self._block_sequence
         self._lines.append(f"#EXTINF:{seconds:.6f},\n{path.name}\n")
         self._target = max(self._target, math.ceil(seconds))
         if self.hls_window:
             self._seg_first = max(0, self._seg_next - self.hls_window)
-        self._write_playlist(ended=False)
+        if playlist:
+            self._write_playlist(ended=False)
         if self.hls_window and index >= 2 * self.hls_window:
             self._writing = self.paths.hls_dir
             _remove(self.paths.hls_dir / segment_name(index - 2 * self.hls_window))

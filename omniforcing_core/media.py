@@ -42,11 +42,17 @@ def ffmpeg_exe() -> str:
 
 
 def child_process_options() -> dict:
-    """Popen options for our ffmpeg children: their own session / process group, so a terminal's Ctrl-C
-    (sent to the whole foreground group) reaches only us. We then stop them in order: the AAC encoder
-    is flushed, not cut off mid-stream, and a half-run x264 is killed by `subprocess.run` itself."""
+    """Popen options for our ffmpeg children: their own process group, so a terminal's Ctrl-C (sent to
+    the whole foreground group) reaches only us. We then stop them in order: the AAC encoder is
+    flushed, not cut off mid-stream, and a half-run x264 is killed by `subprocess.run` itself.
+
+    A process group, not a new session, where Python allows it (3.11+): with the Linux scheduler's
+    autogroups every session is scheduled as one unit, and on a busy machine an x264 run in a fresh
+    session took ~1.5x as long (measured 53 -> 78 ms per block)."""
     if sys.platform == "win32":
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
     return {"start_new_session": True}
 
 

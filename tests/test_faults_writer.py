@@ -130,7 +130,7 @@ _CTRL_C_WRITER = textwrap.dedent("""
 
 def test_ctrl_c_to_the_process_group_leaves_an_ended_stream_in_sync(tmp_path):
     """A terminal's Ctrl-C reaches every process of the foreground group: the ffmpeg children must not
-    see it (they run in their own session), and the writer closes the stream whole."""
+    see it (they run in their own process group), and the writer closes the stream whole."""
     script = _CTRL_C_WRITER.format(repo=str(REPO), out=str(tmp_path), fps=FPS, sr=SR, w=W, h=H, nf=NF, na=NA)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own group, like a terminal job
@@ -275,8 +275,8 @@ class FakeDisk:
     """A filesystem of `capacity` bytes under `root`: writes that would grow it past that write what
     fits and raise ENOSPC, like a full disk; deleting or truncating files frees space again."""
 
-    def __init__(self, root: Path, capacity: float = float("inf")):
-        self.root, self.capacity = root, capacity
+    def __init__(self, root: Path, capacity: float = float("inf"), only=None):
+        self.root, self.capacity, self.only = root, capacity, only  # only(name): the files that can fail
 
     def used(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
@@ -296,7 +296,7 @@ class _DiskFile:
         pos, size = self._f.tell(), os.fstat(self._f.fileno()).st_size
         grow = max(0, pos + len(data) - size)
         room = max(0, int(min(self._disk.capacity - self._disk.used(), 1 << 60)))
-        if grow > room:
+        if grow > room and (self._disk.only is None or self._disk.only(str(self._f.name))):
             self._f.write(data[:len(data) - (grow - room)])
             self._f.flush()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -326,6 +326,20 @@ def test_disk_full_mid_fragment_ends_the_stream_on_whole_fragments(tmp_path, mon
     w.close()
     assert_stream_ended(tmp_path, frames=3 * NF)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp/reserve left
+
+
+def test_disk_full_on_a_segment_still_ends_the_playlist_with_that_block(tmp_path, monkeypatch):
+    """The MP4 took the block, its HLS segment did not fit: the space given back on the way out
+    (the writer's reserve) carries the segment, so the playlist ends with the MP4 and in sync."""
+    disk = FakeDisk(tmp_path)
+    monkeypatch.setattr(live, "open", disk.open, raising=False)
+    w = LiveWriter(tmp_path, FPS, SR, W, H)
+    write_blocks(w, 3)
+    disk.capacity, disk.only = disk.used() + 1000, lambda name: ".m4s" in name
+    with pytest.raises(MediaError, match=r"seg_00003\.m4s.*No space left"):
+        write_blocks(w, 1, start=3)
+    w.close()
+    assert_stream_ended(tmp_path, frames=4 * NF)
 
 
 def test_disk_full_before_the_first_block_keeps_the_previous_file(tmp_path, monkeypatch):
