@@ -33,11 +33,4 @@ class CastOps:
     RMSNorm = RMSNorm
 
 
-class TorchOps:
-    """Plain torch.nn (weights must already match the activation dtype)."""
-
-    Linear = nn.Linear
-    RMSNorm = nn.RMSNorm
-
-
 default_ops = CastOps

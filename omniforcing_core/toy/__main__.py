@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                         "causal = Stage II; dmd = Stage III")
     t.add_argument("--run", "--run-dir", dest="run", required=True,
                    help="run dir (resumed when it holds a checkpoint); under torchrun spell it --run-dir")
-    t.add_argument("--config", help="stage config: a JSON file or a shipped name (toy_*, ltx2_19b_*)")
+    t.add_argument("--config", help="stage config: a JSON file or a shipped name (toy_teacher, toy_ode, toy_causal, toy_dmd)")
     t.add_argument("--data")
     t.add_argument("--init")
     t.add_argument("--teacher")

@@ -1,14 +1,13 @@
-"""Stage configurations: the toy recipe (run here) and the real LTX-2 19B recipe (for a GPU cluster).
+"""Stage configurations of the toy recipe.
 
-A `StageConfig` is plain data (JSON round trip); `configs/*.json` hold the shipped ones. The real
-19B configs carry the official v2 hyper-parameters (reference section 6) and point at checkpoint
-files instead of the toy's trained teacher.
+A `StageConfig` is plain data (JSON round trip; unknown keys in older files are ignored);
+`configs/*.json` hold the shipped ones, `toy_config(stage)` the measured defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +25,7 @@ TOY_SECONDS = 2  # v2 layout: 7 video latents (49 frames), 51 audio latents
 @dataclass
 class StageConfig:
     stage: str  # teacher | ode | causal | dmd
-    model: str = "toy"  # "toy" or a core config name ("ltx2-19b"); with `base_checkpoint` the loader decides
-    base_checkpoint: Optional[str] = None  # real runs: LTX-2 file(s) the teacher / generator start from
+    model: str = "toy"  # "toy" (TOY_MODEL) or a core config name (`config.get_config`)
     init: Optional[str] = None  # run dir (or ckpt file) whose model initialises this stage
     teacher: Optional[str] = None  # run dir of the teacher (ode, dmd)
     data: Optional[str] = None  # dataset dir (teacher: latents; causal: ODE pairs)
@@ -65,7 +63,6 @@ class StageConfig:
     ema_start: int = 200
     fsdp: bool = False  # under torchrun: FSDP-wrap trainable models (else DDP)
     mixed_precision: Optional[str] = None  # "bf16" on GPUs
-    extra: dict = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
         from ..config import get_config
