@@ -188,8 +188,6 @@ def rollout(model, clip, text, exit_step: int, schedule=None):
 class Stage:
     """One trainable stage: modules to save, optimisers, and `step(i)` -> metrics."""
 
-    name = "stage"
-
     def __init__(self, cfg: StageConfig, rank: int = 0, world: int = 1, device="cpu"):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, torch.device(device)
         self.layout: BlockLayout = make_layout(cfg.layout, num_sinks=cfg.num_sinks)
@@ -245,8 +243,6 @@ class SupervisedStage(Stage):
 
 
 class TeacherStage(SupervisedStage):
-    name = "teacher"
-
     def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
         self.data = load_latents(cfg.data)
@@ -346,8 +342,6 @@ def audio_block_index(layout: BlockLayout, f_v: int, f_a: int, mapping: str) -> 
 class CausalStage(SupervisedStage):
     """Stage II: causal ODE regression under the block-causal masks."""
 
-    name = "causal"
-
     def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
         from safetensors.torch import load_file
@@ -397,8 +391,6 @@ class CausalStage(SupervisedStage):
 
 class DMDStage(Stage):
     """Stage III: joint Self-Forcing DMD with a trainable critic (fake score)."""
-
-    name = "dmd"
 
     def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)
@@ -511,8 +503,6 @@ class BidirectionalDMDStage(DMDStage):
     DMD. The generator starts from the teacher and denoises the whole clip at once, with no masks,
     on the same few-step schedule; DMD loss, critic and EMA are Stage III's. Its run can initialise
     Stage II (`train --stage causal --init RUN/bidmd`)."""
-
-    name = "bidmd"
 
     def __init__(self, cfg: StageConfig, rank=0, world=1, device="cpu"):
         super().__init__(cfg, rank, world, device)

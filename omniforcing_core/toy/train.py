@@ -13,6 +13,7 @@ GPUs is the same code, not run here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -164,11 +165,7 @@ def summarize(metrics: list, key: str = "loss", window: int = 50) -> dict:
     head = sum(vals[:window]) / len(vals[:window])
     tail = sum(vals[-window:]) / len(vals[-window:])
     return {"first": head, "last": tail, "max_grad_norm": max(gn) if gn else float("nan"),
-            "finite": all(math_isfinite(v) for v in vals)}
-
-
-def math_isfinite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
+            "finite": all(math.isfinite(v) for v in vals)}
 
 
 __all__ = ["Runner", "save_checkpoint", "load_checkpoint", "summarize"]
