@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Protocol, Union
 
 import torch
 
-from .budget import check_fits, check_stream, gib
+from .budget import HEADROOM, check_fits, check_stream, gib
 from .cache import CachePolicy, StreamCache
 from .flow import noisy, predict_x0
 from .layout import Block, Clip
@@ -101,7 +101,7 @@ class CachedBackend:
             self.cache.reserve(clip.num_blocks)
         elif clip.num_blocks is None and policy.window is None:  # open-ended keep-all: check each growth
             self.cache.on_grow = lambda n: check_fits(
-                n, model.device, f"growing the keep-all KV cache by {gib(n)}",
+                n + HEADROOM, model.device, f"growing the keep-all KV cache by {gib(n)}",
                 "stop here, or restart with a rolling window (e.g. window=4) for open-ended streams")
         self.ropes = None
         self.history: dict[int, tuple] = {}  # block index -> (block, x, sigma) of its clean context

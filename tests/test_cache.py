@@ -136,6 +136,7 @@ def test_a_stream_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     from omniforcing_core.embedded import random_model
     from omniforcing_core.layout import Clip
     from omniforcing_core.sampling import Sampler
+    from omniforcing_core.schedule import make_schedule
 
     model = random_model(TINY)
     text = model.text_kv(torch.zeros(1, 2, TINY.caption_channels), torch.zeros(1, 2, TINY.caption_channels))
@@ -147,9 +148,17 @@ def test_a_stream_that_cannot_fit_is_refused_before_allocating(monkeypatch):
         Sampler(model, Clip(LAYOUT, 32 * 3000, 32 * 3000, 5), text, policy=CachePolicy(window=2))
     s = Sampler(model, Clip(LAYOUT, 64, 64, 36000), text, policy=CachePolicy(window=2))  # a window fits
     assert budget.stream_bytes(model, s.clip, CachePolicy(window=2), 1, torch.float32) < free
-    # an open-ended keep-all stream grows until the next growth would not fit
-    monkeypatch.setattr(budget, "available_bytes", lambda device: budget.HEADROOM + 2 * 2 ** 20)
-    s = Sampler(model, Clip(LAYOUT, 64, 64, None), text)
+    # an open-ended keep-all stream grows until the next growth would not fit: free memory shrinks
+    # by what the cache has taken, as it does on a real device
+    holder = []
+    monkeypatch.setattr(budget, "available_bytes",
+                        lambda device: budget.HEADROOM + 2 ** 20 - (holder[0].backend.cache.nbytes() if holder else 0))
+    s = Sampler(model, Clip(LAYOUT, 64, 64, None), text, schedule=make_schedule([1000, 0]))
+    holder.append(s)
+    blocks = 0
     with pytest.raises(budget.ResourceError, match="growing the keep-all KV cache"):
         for _ in s:
-            pass
+            blocks += 1
+            assert blocks < 200, "the keep-all cache grew past the free memory without an error"
+    assert s.backend.cache.nbytes() <= 2 ** 20 < budget.stream_bytes(model, Clip(LAYOUT, 64, 64, blocks + 2),
+                                                                     CachePolicy(), 1, torch.float32)
