@@ -11,6 +11,10 @@ if str(ROOT) not in sys.path:
 from omniforcing_core.config import TINY  # noqa: E402
 from omniforcing_core.embedded import random_model  # noqa: E402
 
+# One intra-op thread for the whole suite: on a shared 2-core runner extra threads spin and run several
+# times slower on these tiny models (scripts/test.sh also exports OMP_NUM_THREADS=1 for subprocesses).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny64():
@@ -27,8 +31,7 @@ def text64(tiny64):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for a module: on a shared 2-core runner extra threads spin and run several
-    times slower on these tiny models."""
+    """One intra-op thread for a module (already the session's setting; kept for the modules that ask)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -22,6 +22,17 @@ TEST_PACK = "omniforcing_test_nodes"
 WORKFLOWS = REPO / "workflows"
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the test process dies (killed by a CI timeout, Ctrl-C twice), so
+    no orphaned ComfyUI outlives the run. It runs in its own session, out of reach of group signals."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +70,8 @@ class Host:
                "--whitelist-custom-nodes", PACK, TEST_PACK, "--preview-method", "auto"]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
