@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import InputImpl, io, ui
 
+from ..omniforcing_core.layout import DEFAULT_TIME
 from ..omniforcing_core.media import MediaError, write_mp4
 from .common import CATEGORY, log
-from .stream import FPS, output_paths
+from .output import output_paths
 
 
 class OmniForcingMux(io.ComfyNode):
@@ -19,7 +20,7 @@ class OmniForcingMux(io.ComfyNode):
                         "in the output folder and returns it as VIDEO.",
             inputs=[
                 io.Image.Input("images", tooltip="Frames [N, H, W, 3], e.g. from VAE Decode."),
-                io.Float.Input("fps", default=FPS, min=1.0, max=120.0, step=1.0,
+                io.Float.Input("fps", default=DEFAULT_TIME.fps, min=1.0, max=120.0, step=1.0,
                                tooltip="Frame rate; OmniForcing / LTX-2 generate 24 fps."),
                 io.String.Input("filename_prefix", default="omniforcing/video",
                                 tooltip="File name prefix inside ComfyUI's output folder (<prefix>_NNNNN_.mp4)."),

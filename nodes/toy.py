@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..omniforcing_core import embedded
 from ..omniforcing_core.layout import DEFAULT_TIME
+from ..omniforcing_core.toy import default as toy_default
 from .common import CATEGORY
 from .loader import load_managed
 
@@ -44,8 +44,8 @@ def _kit_input():
 
 
 def _require_assets():
-    if not embedded.has_trained_assets():
-        missing = [str(p) for p in embedded.asset_files().values() if not p.exists()]
+    if not toy_default.has_trained_assets():
+        missing = [str(p) for p in toy_default.asset_files().values() if not p.exists()]
         raise ValueError(f"the embedded toy model is missing ({', '.join(missing)}); reinstall the pack or run "
                          f"scripts/train_toy.sh to train and export it")
 
@@ -71,10 +71,10 @@ class OmniForcingToyModel(io.ComfyNode):
     @classmethod
     def execute(cls) -> io.NodeOutput:
         _require_assets()
-        meta = embedded.student_meta()
-        patcher, info = load_managed(embedded.asset_files()["student"], None, "default", meta.get("layout", "auto"),
-                                     label="OmniForcing toy student:")
-        te, codecs = embedded.load_text_and_codecs()
+        meta = toy_default.student_meta()
+        patcher, info = load_managed(toy_default.asset_files()["student"], None, "default",
+                                     meta.get("layout", "auto"), label="OmniForcing toy student:")
+        te, codecs = toy_default.load_text_and_codecs()
         size = int(meta.get("size", 128))
         return io.NodeOutput(patcher, ToyKitValue(te, codecs), f"{info}; trained at {size}x{size}")
 
@@ -138,5 +138,5 @@ class OmniForcingToyDecode(io.ComfyNode):
         rate = DEFAULT_TIME.audio_sample_rate
         with torch.inference_mode():
             frames = toy.codecs.decode_video(video[:1].float())[0].permute(1, 2, 3, 0).contiguous()
-            stereo = embedded.decode_toy_audio(toy.codecs, audio[:1].float(), rate).cpu()
+            stereo = toy_default.decode_toy_audio(toy.codecs, audio[:1].float(), rate).cpu()
         return io.NodeOutput(frames.cpu(), {"waveform": stereo, "sample_rate": rate})

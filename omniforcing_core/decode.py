@@ -1,25 +1,28 @@
-"""Streaming temporal decode: decode latents block by block so the stream equals the offline decode.
+"""Streaming temporal decode of one modality: latents block by block, output equal to the offline decode.
 
-Any decoder whose output frame depends on a bounded range of latents can be streamed exactly:
-decode a window that reaches `left` latents into the past and emit only the frames whose `right`
-future latents have arrived; the rest waits for the next block (or `flush()`).
+A `Decoder` is a temporal decoder as data: the function, where time runs in and out, and its reach
+(`TemporalContext`: an output frame of latent l depends on latents [l - left, l + right]). Any decoder
+with a bounded reach streams exactly: decode a window that reaches `left` latents into the past and emit
+only the frames whose `right` future latents have arrived; the rest waits for the next block (or
+`flush()`).
 
-The causal codec quirk: a decoder fed latents [w0, e) treats latent w0 as a *first* latent and
-decodes it to ONE frame, not `stride`. So frames of window latent j >= 1 sit `stride * w0` frames
-before their global index, and window latent 0 is decoded "wrong". We always start the window one
-latent before the receptive field needs (a sacrificial latent) and drop its frame, which makes the
-emitted frames exact for any receptive field, not just for architectures whose first layer is a
-latent-rate conv. Cost: one extra latent per window.
+The causal codec quirk: a decoder fed latents [w0, e) treats latent w0 as a *first* latent and decodes
+it to ONE frame, not `stride`. So frames of window latent j >= 1 sit `stride * w0` frames before their
+global index, and window latent 0 is decoded "wrong". We always start the window one latent before the
+reach needs (a sacrificial latent) and drop its frame, which makes the emitted frames exact for any
+reach, not just for architectures whose first layer is a latent-rate conv. Cost: one extra latent per
+window.
 
-When the receptive field is unknown or very long (vocoders), pass a smaller context and a
-`crossfade`: each window's last `crossfade` output samples are held back and blended with the next
-window's version of them, hiding the seam; `stream_vs_offline` measures what that costs.
+When the reach is unknown or very long (vocoders), give a smaller reach and a `crossfade`: each window's
+last `crossfade` output units are held back and blended with the next window's version of them, hiding
+the seam.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -30,7 +33,7 @@ DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class TemporalContext:
-    """A decoder's receptive field in latents: an output frame of latent l depends on [l-left, l+right]."""
+    """A decoder's reach in latents: an output frame of latent l depends on [l-left, l+right]."""
 
     left: int = 0
     right: int = 0
@@ -38,6 +41,58 @@ class TemporalContext:
     def __post_init__(self):
         if self.left < 0 or self.right < 0:
             raise ValueError(f"context must be >= 0, got left={self.left} right={self.right}")
+
+    def cap(self, other: "TemporalContext") -> "TemporalContext":
+        """The smaller reach on each side."""
+        return TemporalContext(min(self.left, other.left), min(self.right, other.right))
+
+    def covers(self, other: "TemporalContext") -> bool:
+        return self.left >= other.left and self.right >= other.right
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A temporal decoder: `fn(latents) -> output`, time on `latent_axis` in and `out_axis` out.
+
+    codec: the causal time mapping (latent 0 -> 1 frame, others -> `stride` frames).
+    reach: how far an output frame looks (None: unknown; measure it with `probe_reach`).
+    samples_per_frame: output units per codec frame (1 for video; the vocoder hop for audio).
+    crossfade: output units blended at seams; only for a reach shorter than the true one (0 = exact).
+    """
+
+    fn: DecodeFn
+    codec: CodecTime
+    reach: Optional[TemporalContext]
+    latent_axis: int = 2
+    out_axis: int = 2
+    samples_per_frame: int = 1
+    crossfade: int = 0
+
+    def __post_init__(self):
+        if self.samples_per_frame < 1 or self.crossfade < 0:
+            raise ValueError("samples_per_frame must be >= 1 and crossfade >= 0")
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.fn(latents)
+
+    def output_length(self, n_latents: int) -> int:
+        return self.codec.frames_for_latents(n_latents) * self.samples_per_frame
+
+    def with_reach(self, reach: TemporalContext, crossfade: Optional[int] = None) -> "Decoder":
+        return dataclasses.replace(self, reach=reach, crossfade=self.crossfade if crossfade is None else crossfade)
+
+
+def video_decoder(fn: DecodeFn, reach: Optional[TemporalContext], time: TimeBase = DEFAULT_TIME) -> Decoder:
+    """A video decoder in ComfyUI's layout: latents [B, 128, F, h, w] -> frames [B, 1 + 8(F-1), H, W, 3]."""
+    return Decoder(fn, time.video, reach, latent_axis=2, out_axis=1)
+
+
+def audio_decoder(fn: DecodeFn, reach: Optional[TemporalContext], time: TimeBase = DEFAULT_TIME, *,
+                  crossfade_mel_frames: int = 0) -> Decoder:
+    """An audio decoder (VAE + vocoder): latents [B, 8, T, 16] -> waveform [B, C, (4T-3) * hop]."""
+    spf = time.samples_per_mel_frame
+    return Decoder(fn, time.audio, reach, latent_axis=2, out_axis=-1, samples_per_frame=spf,
+                   crossfade=crossfade_mel_frames * spf)
 
 
 @dataclass(frozen=True)
@@ -54,26 +109,26 @@ class DecodedChunk:
 
 
 class StreamingDecoder:
-    """Push latent blocks, get back exactly the output frames (or samples) that are final.
+    """Push latent blocks of one `Decoder`, get back exactly the output frames (or samples) that are final."""
 
-    decode_fn: latents -> decoded; time is `latent_axis` on input and `out_axis` on output.
-    codec: the causal time mapping (latent 0 -> 1 frame, others -> `stride` frames).
-    samples_per_frame: output units per codec frame (1 for video; vocoder hop for audio).
-    crossfade: output units blended at seams (0 = exact mode; only useful if context is too small).
-    """
-
-    def __init__(self, decode_fn: DecodeFn, codec: CodecTime, context: TemporalContext, *,
-                 latent_axis: int = 2, out_axis: int = 2, samples_per_frame: int = 1, crossfade: int = 0):
-        if samples_per_frame < 1 or crossfade < 0:
-            raise ValueError("samples_per_frame must be >= 1 and crossfade >= 0")
-        self.decode_fn = decode_fn
-        self.codec = codec
-        self.context = context
-        self.latent_axis = latent_axis
-        self.out_axis = out_axis
-        self.samples_per_frame = samples_per_frame
-        self.crossfade = crossfade
+    def __init__(self, decoder: Decoder):
+        if decoder.reach is None:
+            raise ValueError("the decoder's reach is unknown: measure it with decode.probe_reach or give one")
+        self.decoder = decoder
         self.reset()
+
+    # the Decoder's fields, read often
+    @property
+    def latent_axis(self) -> int:
+        return self.decoder.latent_axis
+
+    @property
+    def out_axis(self) -> int:
+        return self.decoder.out_axis
+
+    @property
+    def context(self) -> TemporalContext:
+        return self.decoder.reach
 
     def reset(self) -> None:
         self._buf: Optional[torch.Tensor] = None  # latents [buf_start, available)
@@ -98,9 +153,6 @@ class StreamingDecoder:
         """Latents kept as context: bounded by left + 1 + right + one block."""
         return 0 if self._buf is None else self._buf.shape[self.latent_axis]
 
-    def output_length(self, n_latents: int) -> int:
-        return self.codec.frames_for_latents(n_latents) * self.samples_per_frame
-
     # -- streaming --------------------------------------------------------------------------
     def push(self, latents: torch.Tensor) -> Optional[DecodedChunk]:
         """Add a block of latents; return the newly final output, or None if nothing is final yet."""
@@ -115,39 +167,40 @@ class StreamingDecoder:
 
     def flush(self) -> Optional[DecodedChunk]:
         """End of stream: emit everything left (the held-back frames and the crossfade tail)."""
-        chunk = self._emit(self._available, at_end=True)
+        chunk = self._emit(self._available, at_end=True) if self._buf is not None else None
         self._buf, self._tail, self._ended = None, None, True
         self._buf_start = self._available
         return chunk
 
     def _emit(self, final_latent: int, at_end: bool) -> Optional[DecodedChunk]:
-        final_out = self.output_length(final_latent)
-        emit_end = final_out if at_end else final_out - self.crossfade
-        tail_len = 0 if self._tail is None else self._tail.shape[self.out_axis]
+        d = self.decoder
+        final_out = d.output_length(final_latent)
+        emit_end = final_out if at_end else final_out - d.crossfade
+        tail_len = 0 if self._tail is None else self._tail.shape[d.out_axis]
         # Nothing new, or not enough to cover the whole blend region yet: wait for more latents.
         if emit_end <= self._out or emit_end < self._out + tail_len:
             return None
         window_start = self._window_start(self._out)
-        window = self._buf.narrow(self.latent_axis, window_start - self._buf_start, self._available - window_start)
+        window = self._buf.narrow(d.latent_axis, window_start - self._buf_start, self._available - window_start)
         with torch.no_grad():
-            decoded = self.decode_fn(window)
-        expected = self.output_length(window.shape[self.latent_axis])
-        if decoded.shape[self.out_axis] != expected:
+            decoded = d.fn(window)
+        expected = d.output_length(window.shape[d.latent_axis])
+        if decoded.shape[d.out_axis] != expected:
             raise ValueError(
-                f"decoder returned {decoded.shape[self.out_axis]} outputs on axis {self.out_axis} for "
-                f"{window.shape[self.latent_axis]} latents; the codec (stride {self.codec.stride}, first latent = "
-                f"1 frame, x{self.samples_per_frame}) expects {expected}: check out_axis / codec / samples_per_frame")
+                f"decoder returned {decoded.shape[d.out_axis]} outputs on axis {d.out_axis} for "
+                f"{window.shape[d.latent_axis]} latents; the codec (stride {d.codec.stride}, first latent = "
+                f"1 frame, x{d.samples_per_frame}) expects {expected}: check out_axis / codec / samples_per_frame")
         # Window latent j >= 1 is global latent window_start + j, shifted by stride * window_start frames.
-        offset = self.codec.stride * window_start * self.samples_per_frame
-        fresh = decoded.narrow(self.out_axis, self._out - offset, final_out - self._out)
+        offset = d.codec.stride * window_start * d.samples_per_frame
+        fresh = decoded.narrow(d.out_axis, self._out - offset, final_out - self._out)
         if self._tail is not None:
             fresh = fresh.clone()
-            head = fresh.narrow(self.out_axis, 0, tail_len)
-            w = _fade_in(tail_len, self.out_axis, fresh.ndim, fresh.dtype, fresh.device)
+            head = fresh.narrow(d.out_axis, 0, tail_len)
+            w = _fade_in(tail_len, d.out_axis, fresh.ndim, fresh.dtype, fresh.device)
             head.copy_(self._tail * (1 - w) + head * w)
         n_emit = emit_end - self._out
-        out = fresh.narrow(self.out_axis, 0, n_emit)
-        self._tail = fresh.narrow(self.out_axis, n_emit, final_out - emit_end).clone() if final_out > emit_end else None
+        out = fresh.narrow(d.out_axis, 0, n_emit)
+        self._tail = fresh.narrow(d.out_axis, n_emit, final_out - emit_end).clone() if final_out > emit_end else None
         chunk = DecodedChunk(out, self._out, emit_end)
         self._out = emit_end
         self._trim()
@@ -155,7 +208,7 @@ class StreamingDecoder:
 
     def _window_start(self, out_pos: int) -> int:
         """First latent to decode so output from `out_pos` on is exact (+1 sacrificial latent)."""
-        first_needed = self.codec.latent_of_frame(out_pos // self.samples_per_frame)
+        first_needed = self.decoder.codec.latent_of_frame(out_pos // self.decoder.samples_per_frame)
         return max(0, first_needed - self.context.left - 1)
 
     def _trim(self) -> None:
@@ -176,107 +229,46 @@ def _fade_in(n: int, axis: int, ndim: int, dtype, device) -> torch.Tensor:
     return w.reshape(shape)
 
 
-class AudioStreamingDecoder(StreamingDecoder):
-    """Audio VAE decoder (latents -> mel, causal) then vocoder (mel -> waveform), streamed as one codec.
-
-    Output is waveform samples along `out_axis` (default last), `time.samples_per_mel_frame` per mel frame.
-    `context` is the receptive field of the composed pipeline in audio latents (see `probe_context`).
-    """
-
-    def __init__(self, vae_decode: DecodeFn, vocoder: DecodeFn, context: TemporalContext,
-                 time: TimeBase = DEFAULT_TIME, *, latent_axis: int = 2, out_axis: int = -1, crossfade: int = 0):
-        self.vae_decode, self.vocoder = vae_decode, vocoder
-        super().__init__(lambda z: vocoder(vae_decode(z)), time.audio, context, latent_axis=latent_axis,
-                         out_axis=out_axis, samples_per_frame=time.samples_per_mel_frame, crossfade=crossfade)
-
-
 # ---------------------------------------------------------------------------------------------
-# measuring: receptive fields and stream-vs-offline error
+# measuring a decoder's reach
 
 
-def probe_context(decode_fn: DecodeFn, latents: torch.Tensor, codec: CodecTime, *, latent_axis: int = 2,
-                  out_axis: int = 2, samples_per_frame: int = 1, tol: float = 0.0, seed: int = 0) -> TemporalContext:
-    """Measure a decoder's receptive field by perturbing one latent at a time.
+class ProbedReach(NamedTuple):
+    reach: TemporalContext
+    saturated: bool  # the reach touched the probe's ends: the true reach may be larger (probe longer)
 
-    Use float64 and a clip longer than the receptive field; the answer can't exceed the clip.
-    For low-precision decoders raise `tol` above their noise floor.
-    """
+
+def probe_reach(decoder: Decoder, latents: torch.Tensor, *, tol: float = 0.0, seed: int = 0) -> ProbedReach:
+    """A decoder's reach from perturbing two latents in the middle of `latents` (3 decodes).
+
+    Convolutional decoders reach equally far from every interior latent, so two probes suffice. Use a
+    clip longer than twice the reach (the answer cannot exceed it: `saturated` says when it may) and,
+    for low-precision decoders, a `tol` above their noise floor. `decoder.reach` is ignored."""
+    n = latents.shape[decoder.latent_axis]
+    if n < 5:
+        raise ValueError(f"probe_reach needs at least 5 latents, got {n}")
     g = torch.Generator().manual_seed(seed)
-    n = latents.shape[latent_axis]
-    with torch.no_grad():
-        base = decode_fn(latents)
-        left = right = 0
-        for j in range(n):
-            z = latents.clone()
-            sl = z.narrow(latent_axis, j, 1)
-            sl.add_(torch.randn(sl.shape, generator=g, dtype=sl.dtype).to(sl.device))
-            diff = (decode_fn(z) - base).abs().movedim(out_axis, 0).reshape(base.shape[out_axis], -1)
-            changed = torch.nonzero(diff.amax(dim=1) > tol).flatten().tolist()
-            for idx in changed:
-                lat = codec.latent_of_frame(idx // samples_per_frame)
-                left, right = max(left, lat - j), max(right, j - lat)
-    return TemporalContext(left, right)
-
-
-def split_blocks(latents: torch.Tensor, sizes: Sequence[int], axis: int = 2) -> list[torch.Tensor]:
-    """Cut latents into consecutive blocks; the last size repeats until the latents run out."""
-    out, at, k = [], 0, 0
-    total = latents.shape[axis]
-    while at < total:
-        size = sizes[min(k, len(sizes) - 1)]
-        size = min(size, total - at)
-        out.append(latents.narrow(axis, at, size))
-        at, k = at + size, k + 1
-    return out
-
-
-@dataclass(frozen=True)
-class StreamError:
-    """Streamed output vs offline decode of the same latents."""
-
-    max_abs: float  # worst error anywhere
-    max_seam: float  # worst error within `seam_radius` of a chunk boundary
-    rms: float
-    peak: float  # max |offline|, to read the errors relative to the signal
-    seams: tuple[int, ...]  # output indices where one chunk ended and the next began
-    length: int  # outputs compared
-    chunks_exact: bool  # every chunk equal to the offline slice at its indices (within tol)
-
-
-def stream_vs_offline(decoder: StreamingDecoder, latents: torch.Tensor, block_sizes: Sequence[int], *,
-                      seam_radius: Optional[int] = None, tol: float = 1e-12) -> StreamError:
-    """Stream `latents` through `decoder` in blocks, decode them offline in one go, compare."""
-    decoder.reset()
+    left = right = 0
+    saturated = False
     ax = decoder.out_axis
-    chunks = [c for b in split_blocks(latents, block_sizes, decoder.latent_axis) for c in [decoder.push(b)] if c]
-    last = decoder.flush()
-    if last:
-        chunks.append(last)
     with torch.no_grad():
-        offline = decoder.decode_fn(latents)
-    streamed = torch.cat([c.data for c in chunks], dim=ax)
-    if streamed.shape != offline.shape:
-        raise AssertionError(f"streamed shape {tuple(streamed.shape)} != offline {tuple(offline.shape)}")
-    err = (streamed - offline).abs().movedim(ax, 0).reshape(offline.shape[ax], -1).amax(dim=1).double()
-    seams = tuple(c.end for c in chunks[:-1])
-    radius = seam_radius if seam_radius is not None else max(1, decoder.crossfade) + decoder.samples_per_frame
-    near = torch.zeros_like(err, dtype=torch.bool)
-    for s in seams:
-        near[max(0, s - radius):s + radius] = True
-    chunks_exact = all(
-        torch.allclose(c.data, offline.narrow(ax, c.start, c.length), rtol=0, atol=tol) for c in chunks)
-    contiguous = all(a.end == b.start for a, b in zip(chunks, chunks[1:])) and (not chunks or chunks[0].start == 0)
-    if not contiguous:
-        raise AssertionError("streamed chunks are not contiguous")
-    return StreamError(
-        max_abs=float(err.max()) if err.numel() else 0.0,
-        max_seam=float(err[near].max()) if near.any() else 0.0,
-        rms=float((streamed - offline).double().pow(2).mean().sqrt()),
-        peak=float(offline.abs().max()),
-        seams=seams, length=int(offline.shape[ax]), chunks_exact=chunks_exact)
+        base = decoder.fn(latents)
+        for j in (n // 2, n // 2 + 1):
+            z = latents.clone()
+            sl = z.narrow(decoder.latent_axis, j, 1)
+            sl.add_(torch.randn(sl.shape, generator=g, dtype=sl.dtype).to(sl.device))
+            diff = (decoder.fn(z) - base).abs().movedim(ax, 0).reshape(base.shape[ax], -1).amax(dim=1)
+            changed = torch.nonzero(diff > tol).flatten().tolist()
+            if not changed:
+                continue
+            lats = [decoder.codec.latent_of_frame(i // decoder.samples_per_frame) for i in changed]
+            lo, hi = min(lats), max(lats)
+            left, right = max(left, hi - j), max(right, j - lo)
+            saturated |= lo <= 1 or hi >= n - 1
+    return ProbedReach(TemporalContext(left, right), saturated)
 
 
 __all__ = [
-    "TemporalContext", "DecodedChunk", "StreamingDecoder", "AudioStreamingDecoder", "probe_context",
-    "split_blocks", "StreamError", "stream_vs_offline",
+    "DecodeFn", "TemporalContext", "Decoder", "video_decoder", "audio_decoder", "DecodedChunk", "StreamingDecoder",
+    "ProbedReach", "probe_reach",
 ]

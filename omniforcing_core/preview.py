@@ -3,7 +3,8 @@
 They turn latents into something you can watch and hear: a fixed channel->RGB projection
 upsampled x32 in space with the causal 1 + 8(F-1) frame rule, and additive synthesis of the 16
 latent frequency bins at 24 kHz. Both have a small known temporal receptive field, so they stream
-exactly, and they double as the node pack's cheap progress preview.
+exactly, and they double as the node pack's cheap progress preview. `preview_decoders` gives them as
+streaming `Decoder` values (video in ComfyUI's [B, N, H, W, 3] layout).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .decode import Decoder, TemporalContext, audio_decoder, video_decoder
 from .layout import DEFAULT_TIME, TimeBase
+from .modality import AV
 
 
 def _projection(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -26,7 +29,7 @@ class PreviewVideoDecoder:
     Frame 8j - 8 + i (i = 1..8) of latent j >= 1 blends latents j-1 and j, so one latent of left
     context is needed and none of right context."""
 
-    left_context, right_context = 1, 0
+    reach = TemporalContext(1, 0)
 
     def __init__(self, time: TimeBase = DEFAULT_TIME, channels: int = 128, gain: float = 1.5):
         self.time, self.gain = time, gain
@@ -59,7 +62,7 @@ class PreviewAudioDecoder:
     every frame starts at phase 0 and frames join without clicks); channels 0-3 drive the left ear,
     4-7 the right. Mel frames of latent j >= 1 are 4 copies (causal, no right context)."""
 
-    left_context, right_context = 0, 0
+    reach = TemporalContext(0, 0)
 
     def __init__(self, time: TimeBase = DEFAULT_TIME, base_hz: float = 200.0, gain: float = 0.08):
         self.time, self.gain = time, gain
@@ -81,3 +84,13 @@ class PreviewAudioDecoder:
         m = self.mel(latents)  # [B, 2, M, 16]
         wav = torch.einsum("bcmk,kn->bcmn", m, self.table.to(m.device)) * self.gain
         return wav.reshape(wav.shape[0], 2, -1).to(latents.dtype if latents.is_floating_point() else torch.float32)
+
+
+def preview_decoders(time: TimeBase = DEFAULT_TIME) -> AV[Decoder]:
+    """The preview decoders as streaming `Decoder`s with their exact reach."""
+    pv, pa = PreviewVideoDecoder(time), PreviewAudioDecoder(time)
+    return AV(video_decoder(lambda z: pv(z).permute(0, 2, 3, 4, 1), pv.reach, time),
+              audio_decoder(pa, pa.reach, time))
+
+
+__all__ = ["PreviewVideoDecoder", "PreviewAudioDecoder", "preview_decoders"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from omniforcing_core.decode import (
-    AudioStreamingDecoder, StreamingDecoder, TemporalContext, probe_context, split_blocks, stream_vs_offline)
-from omniforcing_core.layout import DEFAULT_TIME, CodecTime
+from harness.decode import probe_reach_per_latent, split_blocks, stream_vs_offline
+from omniforcing_core.decode import Decoder, StreamingDecoder, TemporalContext, audio_decoder, probe_reach
+from omniforcing_core.layout import DEFAULT_TIME
 
 VIDEO = DEFAULT_TIME.video
 AUDIO = DEFAULT_TIME.audio
@@ -134,20 +134,20 @@ FRAMES_PER_LATENT = VIDEO.stride
 def make_causal():
     # latent convs k=3,3 reach 4 latents back; frame convs k=5,4 reach 7 frames back -> 1 latent
     core = ToyDecoder(4, 3, VIDEO.stride, (3, 3), (5, 4), causal=True, seed=1)
-    return video_decoder(core, "comfy"), TemporalContext(5, 0), dict(latent_axis=2, out_axis=1)
+    return Decoder(video_decoder(core, "comfy"), VIDEO, TemporalContext(5, 0), latent_axis=2, out_axis=1)
 
 
 def make_causal_frame_only():
     # no latent-rate conv: frame convs k=9,4 reach 11 frames back -> 2 latents; here the
     # first window latent's single frame would be read, so the sacrificial latent matters
     core = ToyDecoder(4, 3, VIDEO.stride, (), (9, 4), causal=True, seed=2)
-    return video_decoder(core, "comfy"), TemporalContext(2, 0), dict(latent_axis=2, out_axis=1)
+    return Decoder(video_decoder(core, "comfy"), VIDEO, TemporalContext(2, 0), latent_axis=2, out_axis=1)
 
 
 def make_noncausal():
     # latent convs k=3,5 reach +-3 latents; frame convs k=5,5 reach +-4 frames -> +-1 latent
     core = ToyDecoder(4, 3, VIDEO.stride, (3, 5), (5, 5), causal=False, seed=3)
-    return video_decoder(core, "channels"), TemporalContext(4, 4), dict(latent_axis=2, out_axis=2)
+    return Decoder(video_decoder(core, "channels"), VIDEO, TemporalContext(4, 4), latent_axis=2, out_axis=2)
 
 
 VIDEO_DECODERS = {"causal": make_causal, "causal_frame_only": make_causal_frame_only, "noncausal": make_noncausal}
@@ -165,10 +165,11 @@ def audio_latents(n: int, seed: int = 0) -> torch.Tensor:
 TOY_TIME = dataclasses.replace(DEFAULT_TIME, audio_sample_rate=int(DEFAULT_TIME.mel_rate) * 12)
 
 
-def make_audio(context: TemporalContext, crossfade: int = 0, time=TOY_TIME, factors=TOY_FACTORS):
+def make_audio(context: TemporalContext, crossfade: int = 0, time=TOY_TIME, factors=TOY_FACTORS) -> Decoder:
+    """Audio VAE then vocoder, streamed as one decoder (waveform on the last axis)."""
     assert time.samples_per_mel_frame == math.prod(factors)
-    return AudioStreamingDecoder(ToyAudioVAE(seed=4), ToyVocoder(16, factors, seed=5), context, time,
-                                 crossfade=crossfade)
+    vae, vocoder = ToyAudioVAE(seed=4), ToyVocoder(16, factors, seed=5)
+    return dataclasses.replace(audio_decoder(lambda z: vocoder(vae(z)), context, time), crossfade=crossfade)
 
 
 # audio VAE: latent conv 2 back + mel conv 2 frames back (1 latent) = 3; vocoder: k=5 -> +-2 mel
@@ -184,24 +185,33 @@ BLOCKINGS = [(4, 3, 3, 3, 3), (1, 3, 3, 3), (2, 1, 5, 1, 1, 4), (16,)]
 
 @pytest.mark.parametrize("name", VIDEO_DECODERS)
 def test_probe_finds_known_receptive_field(name):
-    decode, ctx, axes = VIDEO_DECODERS[name]()
-    assert probe_context(decode, video_latents(16), VIDEO, **axes) == ctx
+    dec = VIDEO_DECODERS[name]()
+    assert probe_reach(dec, video_latents(16)) == (dec.reach, False)
+    assert probe_reach_per_latent(dec, video_latents(16)) == dec.reach  # the exhaustive probe agrees
 
 
 def test_probe_finds_audio_receptive_field():
     dec = make_audio(AUDIO_CONTEXT)
-    got = probe_context(dec.decode_fn, audio_latents(14), AUDIO, out_axis=-1,
-                        samples_per_frame=TOY_TIME.samples_per_mel_frame)
-    assert got == AUDIO_CONTEXT
+    assert probe_reach(dec, audio_latents(14)) == (AUDIO_CONTEXT, False)
+    assert probe_reach_per_latent(dec, audio_latents(14)) == AUDIO_CONTEXT
+
+
+def test_probe_says_when_the_clip_is_too_short():
+    dec = VIDEO_DECODERS["noncausal"]()  # reach 4 each way
+    assert probe_reach(dec, video_latents(7)).saturated
+    with pytest.raises(ValueError, match="at least 5"):
+        probe_reach(dec, video_latents(4))
+    with pytest.raises(ValueError, match="reach is unknown"):
+        StreamingDecoder(dataclasses.replace(dec, reach=None))
 
 
 def test_decoders_follow_the_causal_time_mapping():
     assert video_latents(1).dtype == torch.float64
     for name, make in VIDEO_DECODERS.items():
-        decode, _, axes = make()
+        dec = make()
         for n in (1, 2, 5):
-            assert decode(video_latents(n)).shape[axes["out_axis"]] == VIDEO.frames_for_latents(n), name
-    wave = make_audio(AUDIO_CONTEXT).decode_fn(audio_latents(6))
+            assert dec(video_latents(n)).shape[dec.out_axis] == VIDEO.frames_for_latents(n), name
+    wave = make_audio(AUDIO_CONTEXT)(audio_latents(6))
     assert wave.shape[-1] == AUDIO.frames_for_latents(6) * TOY_TIME.samples_per_mel_frame
 
 
@@ -212,9 +222,7 @@ def test_decoders_follow_the_causal_time_mapping():
 @pytest.mark.parametrize("blocks", BLOCKINGS)
 @pytest.mark.parametrize("name", VIDEO_DECODERS)
 def test_video_stream_equals_offline(name, blocks):
-    decode, ctx, axes = VIDEO_DECODERS[name]()
-    dec = StreamingDecoder(decode, VIDEO, ctx, **axes)
-    report = stream_vs_offline(dec, video_latents(16, seed=7), blocks)
+    report = stream_vs_offline(VIDEO_DECODERS[name](), video_latents(16, seed=7), blocks)
     assert report.max_abs < 1e-12, report
     assert report.chunks_exact
     assert report.length == VIDEO.frames_for_latents(16)
@@ -238,10 +246,11 @@ def test_audio_stream_equals_offline_at_24khz():
 
 def test_chunks_are_final_the_moment_they_are_emitted():
     """Each chunk equals the offline decode of the WHOLE clip before any later latent is pushed."""
-    decode, ctx, axes = make_noncausal()
+    d = make_noncausal()
+    ctx, axes = d.reach, dict(out_axis=d.out_axis)
     z = video_latents(16, seed=9)
-    offline = decode(z)
-    dec = StreamingDecoder(decode, VIDEO, ctx, **axes)
+    offline = d(z)
+    dec = StreamingDecoder(d)
     emitted = 0
     for block in split_blocks(z, (4, 3, 3, 3, 3)):
         chunk = dec.push(block)
@@ -258,8 +267,8 @@ def test_chunks_are_final_the_moment_they_are_emitted():
 
 
 def test_memory_is_bounded():
-    decode, ctx, axes = make_noncausal()
-    dec = StreamingDecoder(decode, VIDEO, ctx, **axes)
+    d = make_noncausal()
+    ctx, dec = d.reach, StreamingDecoder(d)
     for block in split_blocks(video_latents(40, seed=1), (4, 3)):
         dec.push(block)
         assert dec.held_latents <= ctx.left + 1 + ctx.right + 4
@@ -271,8 +280,8 @@ def test_memory_is_bounded():
 
 @pytest.mark.parametrize("name", ["noncausal"])
 def test_hold_back_one_short_is_detected(name):
-    decode, ctx, axes = VIDEO_DECODERS[name]()
-    dec = StreamingDecoder(decode, VIDEO, TemporalContext(ctx.left, ctx.right - 1), **axes)
+    d = VIDEO_DECODERS[name]()
+    dec = d.with_reach(TemporalContext(d.reach.left, d.reach.right - 1))
     report = stream_vs_offline(dec, video_latents(16, seed=7), (4, 3, 3, 3, 3))
     assert report.max_abs > 1e-6 and not report.chunks_exact
 
@@ -285,22 +294,23 @@ def test_audio_hold_back_one_short_is_detected():
 
 @pytest.mark.parametrize("name,short_by", [("causal", 2), ("noncausal", 2), ("causal_frame_only", 1)])
 def test_left_context_short_is_detected(name, short_by):
-    decode, ctx, axes = VIDEO_DECODERS[name]()
+    d = VIDEO_DECODERS[name]()
+    ctx = d.reach
     # `left` one short is still exact when the decoder's first layer runs at latent rate (the sacrificial
     # latent covers it); two short always misses a dependency. Frame-rate-only decoders fail at one short.
     short = TemporalContext(ctx.left - short_by, ctx.right)
-    report = stream_vs_offline(StreamingDecoder(decode, VIDEO, short, **axes), video_latents(16, seed=7),
-                               (4, 3, 3, 3, 3))
+    report = stream_vs_offline(d.with_reach(short), video_latents(16, seed=7), (4, 3, 3, 3, 3))
     assert report.max_abs > 1e-6
 
 
 def test_first_window_latent_decodes_to_one_frame():
     """Why the sacrificial latent: a window starting at s - left is NOT exact when frame-rate layers
     read into latent s - left; starting one earlier is."""
-    decode, ctx, axes = make_causal_frame_only()
+    decode = make_causal_frame_only()
+    ctx = decode.reach
     z = video_latents(12, seed=3)
     offline = decode(z)
-    s, ax = 6, axes["out_axis"]
+    s, ax = 6, decode.out_axis
     target = offline.narrow(ax, VIDEO.frames_for_latents(s), VIDEO.stride)  # frames of latent s
 
     def frames_of_s(w0):
@@ -312,8 +322,7 @@ def test_first_window_latent_decodes_to_one_frame():
 
 
 def test_push_after_flush_needs_reset():
-    decode, ctx, axes = make_causal()
-    dec = StreamingDecoder(decode, VIDEO, ctx, **axes)
+    dec = StreamingDecoder(make_causal())
     dec.push(video_latents(4))
     dec.flush()
     with pytest.raises(RuntimeError, match="reset"):
@@ -323,8 +332,7 @@ def test_push_after_flush_needs_reset():
 
 
 def test_bad_out_axis_is_reported():
-    decode, ctx, _ = make_causal()
-    dec = StreamingDecoder(decode, VIDEO, ctx, latent_axis=2, out_axis=2)  # frames are on axis 1
+    dec = StreamingDecoder(dataclasses.replace(make_causal(), out_axis=2))  # frames are on axis 1
     with pytest.raises(ValueError, match="out_axis"):
         dec.push(video_latents(4))
 
@@ -357,16 +365,15 @@ class TailVocoder(ToyVocoder):
 TAIL_CONTEXT = TemporalContext(6, 4)  # exact: 241-sample tail = +-10 mel frames on top of the toy vocoder
 
 
-def make_tail_audio(context, crossfade=0):
-    return AudioStreamingDecoder(ToyAudioVAE(seed=4), TailVocoder(16, TOY_FACTORS, seed=5), context, TOY_TIME,
-                                 crossfade=crossfade)
+def make_tail_audio(context, crossfade=0) -> Decoder:
+    vae, vocoder = ToyAudioVAE(seed=4), TailVocoder(16, TOY_FACTORS, seed=5)
+    return dataclasses.replace(audio_decoder(lambda z: vocoder(vae(z)), context, TOY_TIME), crossfade=crossfade)
 
 
 def test_tail_vocoder_receptive_field():
     dec = make_tail_audio(TAIL_CONTEXT)
-    got = probe_context(dec.decode_fn, audio_latents(20), AUDIO, out_axis=-1,
-                        samples_per_frame=TOY_TIME.samples_per_mel_frame)
-    assert got == TAIL_CONTEXT
+    assert probe_reach(dec, audio_latents(20)) == (TAIL_CONTEXT, False)
+    assert probe_reach_per_latent(dec, audio_latents(20)) == TAIL_CONTEXT
     assert stream_vs_offline(make_tail_audio(TAIL_CONTEXT, crossfade=24), audio_latents(20, seed=2),
                              (4, 3, 3, 3, 3)).max_abs < 1e-12
 

@@ -1,11 +1,13 @@
-"""Issue #6: the embedded default (`load_default`) - trained toy student when shipped, random fallback."""
+"""Issue #6: the shipped default (`toy.default.load_default`) - trained toy student when shipped, random fallback."""
 import json
 
 import pytest
 import torch
 
 from omniforcing_core import embedded
+from omniforcing_core.config import get_config
 from omniforcing_core.layout import make_clip
+from omniforcing_core.toy import default
 from omniforcing_core.sampling import generate
 
 
@@ -24,9 +26,9 @@ def _check(d):
 
 
 def test_random_fallback_without_assets(tmp_path):
-    d = embedded.load_default(assets=tmp_path)
+    d = default.load_default(assets=tmp_path)
     assert not d.trained and d.codecs is None and d.text_encoder is None
-    assert d.model.config.num_layers == embedded.get_config("tiny").num_layers
+    assert d.model.config.num_layers == get_config("tiny").num_layers
     _check(d)
     # the existing API is unchanged
     m = embedded.random_model("tiny")
@@ -60,7 +62,7 @@ def test_export_then_load_default_round_trip(tmp_path):
     run, m, te, c = _fake_run(tmp_path)
     sizes = export_assets(run, tmp_path / "codecs.safetensors", tmp_path / "assets")
     assert sum(sizes.values()) < 8 * 2 ** 20
-    d = embedded.load_default(assets=tmp_path / "assets")
+    d = default.load_default(assets=tmp_path / "assets")
     assert d.trained and d.layout.kind == "v2" and d.size == 128
     for k, v in m.state_dict().items():
         assert torch.equal(d.model.state_dict()[k], v)
@@ -77,8 +79,33 @@ def test_export_then_load_default_round_trip(tmp_path):
         assert torch.equal(lm.state_dict()[k], v)
 
 
-@pytest.mark.skipif(not (embedded.ASSETS / "toy_student.safetensors").exists(), reason="no shipped assets yet")
+@pytest.mark.skipif(not default.has_trained_assets(), reason="no shipped assets yet")
 def test_shipped_default_is_the_trained_student():
-    d = embedded.load_default()
+    d = default.load_default()
     assert d.trained
     _check(d)
+
+
+def test_core_does_not_import_the_toy_package():
+    import ast
+    from pathlib import Path
+    core = Path(embedded.__file__).parent
+    for path in core.glob("*.py"):
+        if path.name in ("demo.py", "cli.py", "__main__.py"):  # entry points may run the toy default
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").split(".")[0] == "toy":
+                raise AssertionError(f"{path.name} imports the toy package")
+
+
+def test_toy_decoders_state_their_reach_and_stream_the_whole_decode():
+    """The toy codecs' reach is data (not probed): video per latent; audio windows overlap (6, 2) latents
+    with a crossfade, because Griffin-Lim is global. Streamed video equals the whole decode exactly."""
+    from harness.decode import stream_vs_offline
+    from omniforcing_core.decode import probe_reach
+    from omniforcing_core.toy.codecs import Codecs
+    torch.manual_seed(0)
+    v, a = default.toy_decoders(Codecs().eval())
+    assert v.reach == default.VIDEO_REACH == probe_reach(v, torch.randn(1, 128, 7, 1, 1)).reach
+    assert a.reach == default.AUDIO_REACH and a.crossfade == 4 * 240
+    assert stream_vs_offline(v, torch.randn(1, 128, 10, 1, 1), (4, 3)).max_abs < 1e-6
