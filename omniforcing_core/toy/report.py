@@ -338,7 +338,7 @@ __all__ = ["sound_onsets", "tracks", "visual_events", "match", "analyse", "run_r
 def measure_default(prompt: str = "a red ball bounces twice, a blue square slides", seconds: int = 3,
                     seeds=(0, 1, 2, 3), assets=None) -> dict:
     """Stream the embedded default on the demo prompt and measure the A/V offset of what it made."""
-    from ..embedded import load_default
+    from .default import load_default
     from ..layout import make_clip as layout_clip
     from ..sampling import stream
     d = load_default(assets)

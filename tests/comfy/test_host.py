@@ -96,7 +96,7 @@ def test_toy_workflow_runs_the_embedded_student_like_the_core(host):
     same latents as the core library's own run, and a playable 5 s clip."""
     import torch
 
-    from omniforcing_core.embedded import load_default
+    from omniforcing_core.toy.default import load_default
     from omniforcing_core.layout import make_clip
     from omniforcing_core.sampling import generate
 
