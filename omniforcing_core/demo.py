@@ -9,15 +9,28 @@ itself is `streaming.run_stream`, the same driver the ComfyUI stream node uses.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 
+def seconds_arg(text: str) -> float:
+    """argparse type: a finite number of seconds (whole seconds are checked by the layout)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text} is not a length; give whole seconds, e.g. 5")
+    return x
+
+
 def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="stream A/V from the embedded tiny model into DIR (no downloads)")
-    d.add_argument("--seconds", type=float, default=5)
+    d.add_argument("--seconds", type=seconds_arg, default=5, help="whole seconds (one block per second)")
     d.add_argument("--prompt", default="a red ball bounces twice, a blue square slides")
     d.add_argument("--height", type=int, default=None, help="pixels, a multiple of 32 (default: what the model was trained at)")
     d.add_argument("--width", type=int, default=None, help="pixels, a multiple of 32 (default: what the model was trained at)")
@@ -40,10 +53,15 @@ def run(args) -> int:
     from .sampling import Sampler
     from .streaming import decode_plan, run_stream
     # the application may reach into the toy package (library modules do not)
-    from .toy.default import load_default, random_default
+    from .toy.default import asset_files, has_trained_assets, load_default, random_default
 
+    if args.assets is not None and not has_trained_assets(args.assets):
+        names = ", ".join(p.name for p in asset_files(args.assets).values())
+        raise ValueError(f"--assets {args.assets}: no exported toy assets there ({names}); write them with "
+                         f"`python -m omniforcing_core.toy export --out DIR`, or leave --assets out for the shipped ones")
     d = random_default() if args.random else load_default(args.assets)
-    height, width = args.height or d.size, args.width or d.size
+    height = d.size if args.height is None else args.height  # 0 is an error below, never the default
+    width = d.size if args.width is None else args.width
     out = Path(args.out)
     clip = make_clip(d.layout, height, width, seconds=args.seconds, seed=args.seed)
     t = clip.layout.time

@@ -214,9 +214,9 @@ class BlockLayout:
 
     def blocks_for_seconds(self, seconds: float) -> int:
         """Blocks covering `seconds` of media. Only whole seconds fit; the error names the nearest."""
-        if seconds <= 0 or abs(seconds - round(seconds)) > 1e-6:
-            near = max(1, int(round(seconds)))
-            raise LayoutError(f"seconds={seconds}: blocks cover whole seconds; nearest valid is {near}")
+        if not math.isfinite(seconds) or round(seconds) < 1 or abs(seconds - round(seconds)) > 1e-6:
+            near = max(1, int(round(seconds))) if math.isfinite(seconds) else 5
+            raise LayoutError(f"seconds={seconds}: blocks cover whole seconds (at least 1); nearest valid is {near}")
         s = int(round(seconds))
         per_s = self.time.video_latents_per_second()
         return self.blocks_for_video_latents(1 + per_s * s)
