@@ -114,15 +114,26 @@ class OmniForcingStream(io.ComfyNode):
         check_audio_vae(audio_vae)
         rp = plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative,
                       video_cfg, audio_cfg, rebase_rope)
-        plan = decode_plan(decode, *vae_decoders(vae, audio_vae))
-        folder, base, subfolder = output_paths(filename_prefix, width, height)
-        first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
-        sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
-        writer = LiveWriter(folder, plan.time.fps, plan.time.audio_sample_rate, width, height, name=f"{base}.mp4",
-                            hls_dirname=f"{base}_hls")
+        writer, subfolder, base = _open_writer(filename_prefix, width, height, audio_vae)  # bad paths fail first
+        try:
+            plan = decode_plan(decode, *vae_decoders(vae, audio_vae))
+            first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
+            sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
+        except BaseException:
+            writer.close()  # nothing was written: the new names are removed, earlier files stay
+            raise
         events = _Events(cls.hidden.unique_id, subfolder, base, rp.clip.num_blocks)
         run = _stream(sampler, plan, writer, events, progress, keep_frames)
         return _outputs(run, writer.summary(), events, keep_frames)
+
+
+def _open_writer(prefix: str, width: int, height: int, audio_vae) -> tuple[LiveWriter, str, str]:
+    """The live writer in the output folder, made (and its paths checked) before any model is loaded."""
+    folder, base, subfolder = output_paths(prefix, width, height)
+    time = stream_time(int(audio_vae.audio_sample_rate_output))
+    writer = LiveWriter(folder, time.fps, time.audio_sample_rate, width, height, name=f"{base}.mp4",
+                        hls_dirname=f"{base}_hls")
+    return writer, subfolder, base
 
 
 def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep_frames: bool):
