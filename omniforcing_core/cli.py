@@ -9,6 +9,10 @@ import time
 
 import torch
 
+from .config import PRESETS as _PRESETS
+
+PRESET_NAMES = tuple(_PRESETS)
+
 
 def cmd_keys(args) -> int:
     from .config import get_config
@@ -33,22 +37,46 @@ def _numel(shape) -> int:
     return n
 
 
+def _architecture_args(args) -> dict:
+    return {k: v for k, v in (("video_heads", args.video_heads), ("audio_heads", args.audio_heads),
+                              ("connector_heads", args.connector_heads)) if v is not None}
+
+
+def _convention_args(args) -> dict:
+    out = {"preset": args.preset} if args.preset else {}
+    for item in args.convention or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--convention takes field=value, got '{item}'")
+        out[k.strip()] = {"true": True, "false": False}.get(v.strip().lower(), _number_or_text(v.strip()))
+    return out
+
+
+def _number_or_text(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def cmd_info(args) -> int:
     from .checkpoint import scan
-    from .loader import load_model
+    from .loader import load_model, recognise_architecture
 
     if len(args.paths) > 2:
         print("info takes a base checkpoint and optionally an overlay", file=sys.stderr)
         return 2
     # the loader's own checks, exactly, without reading tensor data: what it refuses, info refuses
     _, rep = load_model(args.paths[0], args.paths[1] if len(args.paths) > 1 else None,
-                        allow_pickle=args.allow_pickle, dry_run=True)
+                        allow_pickle=args.allow_pickle, dry_run=True, conventions=_convention_args(args),
+                        architecture=_architecture_args(args))
     base = scan(args.paths[0], args.allow_pickle)
     over = scan(args.paths[1], args.allow_pickle) if len(args.paths) > 1 else None
     conv, cfg = rep.conventions, rep.config
     dtypes: dict[str, int] = {}
     for r in base.refs.values():
         dtypes[r.dtype] = dtypes.get(r.dtype, 0) + 1
+    src = rep.config_source
     info = {
         "files": sorted({str(r.file) for r in base.refs.values()}),
         "key_prefix": base.prefix or "<none>",
@@ -56,21 +84,27 @@ def cmd_info(args) -> int:
         "parameters": sum(r.numel() for r in base.refs.values()),
         "ignored_tensors": len(base.ignored),
         "dtypes": dtypes,
+        "header_config": base.config_json() is not None,
+        "known_architecture": recognise_architecture(base.refs),
         "layout": "prefix" if cfg.num_audio_sinks else "v2",
         "audio_sink_tokens": cfg.num_audio_sinks,
         "layers": cfg.num_layers,
         "video": f"{cfg.video_heads}x{cfg.video_head_dim}={cfg.video_dim}",
         "audio": f"{cfg.audio_heads}x{cfg.audio_head_dim}={cfg.audio_dim}",
         "caption_channels": cfg.caption_channels,
-        "text_connectors": cfg.connectors is not None,
-        "conventions": {"rope": conv.rope_kind, "rope_precision": conv.rope_precision,
-                        "av_ca_timestep_scale_multiplier": conv.av_ca_timestep_scale_multiplier,
-                        "from": conv.source},
-        "header_config": base.config_json() is not None,
+        "text_connectors": (f"{cfg.connectors.num_layers} layers, {cfg.connectors.heads}x{cfg.connectors.head_dim}, "
+                            f"{cfg.connectors.num_registers} registers, rope {cfg.connectors.rope_kind}/"
+                            f"{cfg.connectors.rope_precision}" if cfg.connectors else None),
+        "config_from": {"heads": {"video": src.get("video_heads"), "audio": src.get("audio_heads"),
+                                  **({"text connector": src.get("connector_heads")} if cfg.connectors else {})},
+                        **{k: v for k, v in src.items() if not k.endswith(("_heads", "_head_dim"))}},
+        "conventions": {"preset": conv.values.preset, "based_on": conv.based_on, "rope": conv.rope_kind,
+                        **conv.values.as_dict(), "from": dict(conv.source)},
     }
     if over is not None:
         info["overlay"] = {"files": sorted({str(r.file) for r in over.refs.values()}),
-                           "key_prefix": over.prefix or "<none>", "tensors": len(over.refs)}
+                           "key_prefix": over.prefix or "<none>", "tensors": len(over.refs),
+                           "header_config": over.config_json() is not None}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -87,6 +121,14 @@ def main(argv=None) -> int:
     i = sub.add_parser("info", help="detected layout, conventions, parameter count and dtypes of checkpoint(s)")
     i.add_argument("paths", nargs="+", help="base checkpoint [overlay]: file, *.index.json or folder")
     i.add_argument("--allow-pickle", action="store_true", help="read .pt/.ckpt with torch.load(weights_only=True)")
+    i.add_argument("--video-heads", type=int, help="video attention heads, for files whose header does not say")
+    i.add_argument("--audio-heads", type=int, help="audio (and cross-modal) attention heads, likewise")
+    i.add_argument("--connector-heads", type=int, help="text connector attention heads, likewise")
+    i.add_argument("--preset", choices=sorted(PRESET_NAMES), help="conventions preset to run the weights under "
+                   "(default: the header's, else omniforcing-student for a generator, else ltx-core for an "
+                   "LTX-2 header)")
+    i.add_argument("--convention", action="append", metavar="FIELD=VALUE",
+                   help="override one convention field (repeatable), e.g. gate_timestep=own")
     i.set_defaults(fn=cmd_info)
     from . import demo as _demo, bench as _bench
     _demo.add_parser(sub)

@@ -1,32 +1,63 @@
 """Build an OmniForcing transformer from checkpoint files: base, optional overlay, strict checks.
 
-Order of truth for the config: sizes come from tensor shapes; conventions (RoPE layout, frequency
-precision, cross-modal gate multiplier) come from an explicit override, else the overlay's header,
-else the released OmniForcing student's conventions when an overlay is given (its shards carry no
-header and it was trained interleaved / float32 / gate x1), else the base header, else defaults.
+Sizes come from tensor shapes. Head counts and connector geometry come from the header, from a known
+architecture recognised by its full key/shape signature (LTX-2 19B), or from an explicit override
+(`architecture=`); anything else is an error naming what is missing and how to give it. Conventions (one
+complete `config.Conventions`, every field with its provenance) come from, field by field: an explicit
+override, else the header of the file whose transformer runs (the overlay's if there is one, else the
+base's), else a preset: the caller's (From Native MODEL: `comfyui`), else `omniforcing-student` for a
+generator overlay or a header-less file (the released student's shards carry no header), else `ltx-core`
+for a file with a foreign LTX-2 header (the base checkpoint run alone, as Lightricks' code runs it).
 Weights are read tensor by tensor from memory-mapped files into a model built on the meta device,
 so host memory peaks near one copy of the weights.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, KeyMap, TensorRef, scan
-from .config import ConnectorConfig, ModelConfig
+from .config import (CONVENTION_FIELDS, DEFAULT_PRESET, KNOWN_ARCHITECTURES, PRESETS, ConnectorConfig, ModelConfig,
+                     get_preset)
+from .config import Conventions as ConventionValues
 from .layout import BlockLayout, make_layout
 from .model import OmniForcingTransformer
 from .rope import RopeConfig
 
-STUDENT_CONVENTIONS = {"rope_kind": "interleaved", "rope_precision": "float32", "av_ca_timestep_scale_multiplier": 1.0}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn,
           "fp8_e5m2": torch.float8_e5m2}
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+HEADER_CONVENTIONS = "omniforcing_conventions"  # our own header entry: the complete conventions, exactly
+# LTX-style header keys that carry a convention: header key -> (field, how to read the value)
+LTX_HEADER_KEYS = {
+    "rope_type": ("rope_kind", lambda v: str(v).lower()),
+    "frequencies_precision": ("rope_precision", lambda v: str(v).lower()),
+    "av_ca_timestep_scale_multiplier": ("av_ca_timestep_scale_multiplier", float),
+    "causal_temporal_positioning": ("causal_fix", bool),
+    "use_middle_indices_grid": ("positions", lambda v: "middle" if v else "start"),
+}
+ARCHITECTURE_KEYS = ("video_heads", "video_head_dim", "audio_heads", "audio_head_dim", "connector_heads",
+                     "connector_head_dim")
+ARCHITECTURE_HELP = ("pass them: load_model(..., architecture={'video_heads': N, 'audio_heads': M, "
+                     "'connector_heads': C}), `python -m omniforcing_core info --video-heads N --audio-heads M "
+                     "--connector-heads C`, or the loader node's 'heads' widget ('video=N,audio=M,connector=C')")
+
+
+def _architecture_help(missing: list[str]) -> str:
+    """How to give exactly the head counts that are missing."""
+    names = [n for n in ("video", "audio", "text connector") if any(m.startswith(n + " ") for m in missing)]
+    keys = {"video": ("video_heads", "--video-heads", "video"), "audio": ("audio_heads", "--audio-heads", "audio"),
+            "text connector": ("connector_heads", "--connector-heads", "connector")}
+    k = [keys[n] for n in names]
+    return (f"pass them: load_model(..., architecture={{{', '.join(repr(a) + ': N' for a, _, _ in k)}}}), "
+            f"`python -m omniforcing_core info FILE {' '.join(f + ' N' for _, f, _ in k)}`, or the loader node's "
+            f"'heads' widget ('{', '.join(w + '=N' for _, _, w in k)}')")
 
 
 def as_dtype(value, what: str = "dtype") -> Optional[torch.dtype]:
@@ -40,12 +71,31 @@ def as_dtype(value, what: str = "dtype") -> Optional[torch.dtype]:
     return dt
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conventions:
-    rope_kind: str
-    rope_precision: str
-    av_ca_timestep_scale_multiplier: float
-    source: dict[str, str] = field(default_factory=dict)  # field -> where it came from
+    """Resolved conventions: the complete `config.Conventions` (`values`) and where each field came from
+    (`source`: field -> "override", "base header", "overlay header", or the preset's label). Fields read
+    through: `conv.rope_kind` is `conv.values.rope_kind`."""
+
+    values: ConventionValues
+    source: Mapping[str, str] = field(default_factory=dict)
+    based_on: str = DEFAULT_PRESET  # the preset the fields not set explicitly came from
+
+    def __getattr__(self, name):
+        if name != "values" and name in CONVENTION_FIELDS:
+            return getattr(self.values, name)
+        raise AttributeError(name)
+
+    def describe(self) -> dict:
+        """{field: {"value": ..., "from": ...}} plus the preset these equal (None: a custom mix)."""
+        out = {k: {"value": v, "from": self.source.get(k, "?")} for k, v in self.values.as_dict().items()}
+        return {"preset": self.values.preset, "based_on": self.based_on, "fields": out}
+
+    def line(self) -> str:
+        """One line for a node's info output."""
+        name = self.values.preset or f"custom (based on {self.based_on})"
+        parts = [f"{k}={v}" for k, v in self.values.as_dict().items()]
+        return f"conventions {name}: " + ", ".join(parts)
 
 
 @dataclass
@@ -61,6 +111,7 @@ class LoadReport:
     weight_dtype: Optional[torch.dtype]  # Linear weights; None: as stored
     ignored: int
     compute_dtype: torch.dtype
+    config_source: dict[str, str] = field(default_factory=dict)  # config value -> where it came from
 
 
 def _header_transformer(km: Optional[KeyMap]) -> dict:
@@ -71,32 +122,58 @@ def _header_transformer(km: Optional[KeyMap]) -> dict:
 
 
 def _conventions_from_header(h: dict) -> dict:
-    out = {}
-    if "rope_type" in h:
-        out["rope_kind"] = str(h["rope_type"]).lower()
-    if "frequencies_precision" in h:
-        out["rope_precision"] = str(h["frequencies_precision"]).lower()
-    if "av_ca_timestep_scale_multiplier" in h:
-        out["av_ca_timestep_scale_multiplier"] = float(h["av_ca_timestep_scale_multiplier"])
-    return out
+    """Convention fields a header states: our own complete entry, else the LTX-style keys it has."""
+    own = h.get(HEADER_CONVENTIONS)
+    if isinstance(own, dict):
+        return {k: v for k, v in own.items() if k in CONVENTION_FIELDS}
+    return {f: read(h[k]) for k, (f, read) in LTX_HEADER_KEYS.items() if k in h}
+
+
+def _is_ltx_header(h: dict) -> bool:
+    """A header written by Lightricks' tools (they state the positions; our headers from before the
+    complete conventions entry had only rope_type / frequencies_precision / the gate multiplier)."""
+    return "use_middle_indices_grid" in h or "causal_temporal_positioning" in h
 
 
 def resolve_conventions(base: KeyMap, overlay: Optional[KeyMap], override: Optional[dict], *,
-                        base_header: Optional[dict] = None) -> Conventions:
-    """`base_header`: the base's parsed `transformer` header when it is not in `base.metadata` (a model
-    already in memory); by default the header is read from the file's metadata."""
-    layers = [("override", override or {}), ("overlay header", _conventions_from_header(_header_transformer(overlay)))]
-    if overlay is not None:
-        layers.append(("OmniForcing student default", STUDENT_CONVENTIONS))
-    h = base_header if base_header is not None else _header_transformer(base)
-    layers += [("base header", _conventions_from_header(h)),
-               ("default", STUDENT_CONVENTIONS)]
-    vals, src = {}, {}
-    for name, d in layers:
+                        base_header: Optional[dict] = None,
+                        default: Optional[tuple[str, str]] = None,
+                        header_source: Optional[str] = None) -> Conventions:
+    """The conventions to run the transformer under, each field with its provenance (module doc).
+
+    override: {field: value or None (auto)} and optionally "preset": a preset name. `base_header`: the
+    base's parsed `transformer` header when it is not in `base.metadata` (a model already in memory); by
+    default the header is read from the file's metadata. `default`: (preset, label) a caller imposes
+    when neither override nor header decides (From Native MODEL: ("comfyui", ...)); `header_source`: how
+    to name the header in the provenance (default "base header" / "overlay header")."""
+    override = {k: v for k, v in (override or {}).items() if v is not None and v != "auto"}
+    unknown = sorted(set(override) - set(CONVENTION_FIELDS) - {"preset"})
+    if unknown:
+        raise ValueError(f"unknown convention override(s) {unknown}; known: preset, {', '.join(CONVENTION_FIELDS)}")
+    if overlay is not None:  # the overlay's transformer runs: the base header describes the base's training
+        header, where = _header_transformer(overlay), "overlay header"
+    else:
+        header, where = (base_header if base_header is not None else _header_transformer(base)), "base header"
+    where = header_source or where
+    from_header = _conventions_from_header(header)
+    if "preset" in override:
+        preset, label = override["preset"], "override (preset)"
+    elif isinstance(header.get(HEADER_CONVENTIONS), dict) and header[HEADER_CONVENTIONS].get("preset") in PRESETS:
+        preset, label = header[HEADER_CONVENTIONS]["preset"], where
+    elif default is not None:
+        preset, label = default
+    elif overlay is not None:
+        preset, label = DEFAULT_PRESET, "OmniForcing student default"
+    elif _is_ltx_header(header):
+        preset, label = "ltx-core", "ltx-core preset (foreign LTX-2 header)"
+    else:
+        preset, label = DEFAULT_PRESET, "default"
+    vals = get_preset(preset).as_dict()
+    src = {k: label for k in vals}
+    for layer, d in ((where, from_header), ("override", {k: v for k, v in override.items() if k != "preset"})):
         for k, v in d.items():
-            if k not in vals and v is not None:
-                vals[k], src[k] = v, name
-    return Conventions(vals["rope_kind"], vals["rope_precision"], float(vals["av_ca_timestep_scale_multiplier"]), src)
+            vals[k], src[k] = v, layer
+    return Conventions(ConventionValues(**vals), src, preset)
 
 
 def _shape(refs: dict[str, TensorRef], key: str, src: str) -> tuple[int, ...]:
@@ -105,57 +182,172 @@ def _shape(refs: dict[str, TensorRef], key: str, src: str) -> tuple[int, ...]:
     return refs[key].shape
 
 
-def infer_config(km: KeyMap, conventions: Conventions, src: str = "checkpoint", *,
-                 header: Optional[dict] = None) -> ModelConfig:
-    """Sizes from shapes; head counts from the header when present (else LTX-2's 32 heads). `header`: the
-    parsed `transformer` header, when it is not in `km.metadata` (by default it is read from there)."""
+@functools.lru_cache(maxsize=None)
+def _signature(name: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of a known architecture (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        m = OmniForcingTransformer(KNOWN_ARCHITECTURES[name])
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def recognise_architecture(refs: Mapping[str, TensorRef]) -> Optional[str]:
+    """The known architecture whose full key/shape signature these tensors have (text connectors and audio
+    sink tokens optional), or None."""
+    have = {k: tuple(r.shape) for k, r in refs.items() if k != "audio_sink_tokens"}
+    for name, cfg in KNOWN_ARCHITECTURES.items():
+        if have.get("patchify_proj.weight") != (cfg.video_dim, cfg.in_channels) or \
+                f"transformer_blocks.{cfg.num_layers - 1}.attn1.to_q.weight" not in have:
+            continue  # cheap mismatch: no need to build the signature
+        sig = _signature(name)
+        conn = {k for k in sig if k.startswith(("video_embeddings_connector.", "audio_embeddings_connector."))}
+        want = {k: v for k, v in sig.items() if k not in conn or any(h in conn for h in have)}
+        sinks = refs.get("audio_sink_tokens")
+        if have == want and (sinks is None or tuple(sinks.shape[::2]) == (1, sig["audio_patchify_proj.weight"][0])):
+            return name
+    return None
+
+
+def _split(width: int, what: str, heads_key: str, dim_key: str, header: dict, override: dict,
+           known: Optional[tuple[str, int]], src: str, sources: dict, out_heads: str, out_dim: str,
+           missing: list, header_name: str = "header") -> tuple[int, int]:
+    """heads x head_dim = width, from the override, the header, or a known architecture ((name, heads));
+    when none states them, noted in `missing` (the caller raises one error naming everything missing)."""
+    for name, vals in (("override", (override.get(out_heads), override.get(out_dim))),
+                       (header_name, (header.get(heads_key), header.get(dim_key))),
+                       (f"known architecture {known[0]}" if known else "", (known[1] if known else None, None))):
+        heads, dim = (None if v is None else int(v) for v in vals)
+        if heads is None and dim is None:
+            continue
+        if heads is None:
+            heads = width // dim if dim and width % dim == 0 else None
+        if dim is None:
+            dim = width // heads if heads and width % heads == 0 else None
+        if not heads or not dim or heads * dim != width:
+            raise CheckpointError(f"{src}: {what} heads x head_dim from the {name} ({vals[0]} x {vals[1]}) do not "
+                                  f"make its width {width}; {ARCHITECTURE_HELP}")
+        sources[out_heads] = sources[out_dim] = name
+        return heads, dim
+    missing.append(f"{what} head count (width {width})")
+    return 0, 0
+
+
+def describe_config(km: KeyMap, conventions: Conventions | ConventionValues, src: str = "checkpoint", *,
+                    header: Optional[dict] = None, architecture: Optional[dict] = None,
+                    connector_header: Optional[dict] = None,
+                    header_source: str = "header") -> tuple[ModelConfig, dict[str, str]]:
+    """The model config of a checkpoint and where each value came from ({field: source}).
+
+    Sizes from shapes; head counts and connector geometry from `architecture` (an explicit override:
+    video_heads, audio_heads, connector_heads and/or the *_head_dim), the header, or a recognised
+    architecture, else an error naming them. `header`: the parsed `transformer` header when it is not
+    in `km.metadata`. `connector_header`: the header of the file the connectors come from (default: the same).
+    `header_source`: how the provenance names the header (From Native MODEL: "native model")."""
+    conv = conventions.values if isinstance(conventions, Conventions) else conventions
     refs = km.refs
     h = header if header is not None else _header_transformer(km)
+    ch = h if connector_header is None else connector_header
+    over = {k: v for k, v in (architecture or {}).items() if v is not None}
+    bad = sorted(set(over) - set(ARCHITECTURE_KEYS))
+    if bad:
+        raise ValueError(f"unknown architecture override(s) {bad}; known: {', '.join(ARCHITECTURE_KEYS)}")
+    sources: dict[str, str] = {}
     dv, cin = _shape(refs, "patchify_proj.weight", src)
     da, cain = _shape(refs, "audio_patchify_proj.weight", src)
     cap = _shape(refs, "caption_projection.linear_1.weight", src)[1]
     layers = 1 + max(int(m.group(1)) for k in refs if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
-    vh = int(h.get("num_attention_heads", 32))
-    vhd = int(h.get("attention_head_dim", dv // vh))
-    ah = int(h.get("audio_num_attention_heads", 32))
-    ahd = int(h.get("audio_attention_head_dim", da // ah))
-    if vh * vhd != dv or ah * ahd != da:
-        raise CheckpointError(f"{src}: heads x head_dim ({vh}x{vhd}, {ah}x{ahd}) do not match widths ({dv}, {da})")
     ff = _shape(refs, "transformer_blocks.0.ff.net.0.proj.weight", src)[0] // dv
     sinks = refs["audio_sink_tokens"].shape[1] if "audio_sink_tokens" in refs else 0
+    for k in ("in_channels", "audio_in_channels", "caption_channels", "num_layers", "ff_mult", "num_audio_sinks"):
+        sources[k] = "tensor shapes"
+    needed = ["num_attention_heads", "audio_num_attention_heads"]
+    if "video_embeddings_connector.learnable_registers" in refs:
+        needed.append("connector_num_attention_heads" if "connector_attention_head_dim" not in ch
+                      else "connector_attention_head_dim")
+    arch = recognise_architecture(refs) if not all(k in (ch if k.startswith("connector") else h) for k in needed) \
+        else None
+    known = (arch, KNOWN_ARCHITECTURES[arch]) if arch else None
+    missing: list[str] = []
+    vh, vhd = _split(dv, "video", "num_attention_heads", "attention_head_dim", h, over,
+                     (arch, known[1].video_heads) if known else None, src, sources, "video_heads", "video_head_dim",
+                     missing, header_source)
+    ah, ahd = _split(da, "audio", "audio_num_attention_heads", "audio_attention_head_dim", h, over,
+                     (arch, known[1].audio_heads) if known else None, src, sources, "audio_heads", "audio_head_dim",
+                     missing, header_source)
     connectors = None
     if "video_embeddings_connector.learnable_registers" in refs:
         regs, cdim = refs["video_embeddings_connector.learnable_registers"].shape
         clayers = 1 + max(int(m.group(1)) for k in refs
                           if (m := re.match(r"video_embeddings_connector\.transformer_1d_blocks\.(\d+)\.", k)))
-        chd = int(h.get("connector_attention_head_dim", 128 if cdim % 128 == 0 else cdim))
-        chd = chd if cdim % chd == 0 else cdim
-        # connectors belong to the text side: they follow the base header's RoPE layout (LTX-2: split)
-        connectors = ConnectorConfig(num_layers=clayers, heads=cdim // chd, head_dim=chd, num_registers=regs,
-                                     rope_kind=str(h.get("rope_type", "split")).lower())
-    max_pos = tuple(float(x) for x in h.get("positional_embedding_max_pos", (20, 2048, 2048)))
-    a_max = float(h.get("audio_positional_embedding_max_pos", [20])[0])
-    rope = RopeConfig(conventions.rope_kind, conventions.rope_precision,
-                      float(h.get("positional_embedding_theta", 10000.0)), max_pos, a_max)
-    return ModelConfig(num_layers=layers, video_heads=vh, video_head_dim=vhd, audio_heads=ah, audio_head_dim=ahd,
-                       in_channels=cin, audio_in_channels=cain, caption_channels=cap, ff_mult=ff,
-                       timestep_scale_multiplier=float(h.get("timestep_scale_multiplier", 1000.0)),
-                       av_ca_timestep_scale_multiplier=conventions.av_ca_timestep_scale_multiplier,
-                       rope=rope, num_audio_sinks=sinks, connectors=connectors)
+        a_regs = refs.get("audio_embeddings_connector.learnable_registers")
+        if a_regs is None or tuple(a_regs.shape) != (regs, cdim):
+            raise CheckpointError(f"{src}: the audio text connector differs from the video one (registers "
+                                  f"{None if a_regs is None else tuple(a_regs.shape)} vs {(regs, cdim)}); separate "
+                                  f"connector geometries (LTX-2.3) are not supported")
+        known_c = (arch, known[1].connectors.heads) if known and known[1].connectors else None
+        cheads, chd = _split(cdim, "text connector", "connector_num_attention_heads", "connector_attention_head_dim",
+                             ch, over, known_c, src, sources, "connector_heads", "connector_head_dim", missing,
+                             header_source)
+        comfy = conv.rope_arithmetic == "comfyui"
+        # ComfyUI and ltx-core: the connectors follow the header's rope_type, split when it has none
+        c_kind = str(ch.get("connector_rope_type", ch.get("rope_type", "split"))).lower()
+        c_prec = "float64" if comfy else str(ch.get("frequencies_precision", "float64")).lower()
+        c_max = ch.get("connector_positional_embedding_max_pos", [4096.0])
+        c_max = 4096.0 if comfy else float(c_max[0] if isinstance(c_max, (list, tuple)) else c_max)
+        connectors = ConnectorConfig(num_layers=clayers, heads=cheads, head_dim=chd, num_registers=regs,
+                                     rope_kind=c_kind, rope_precision=c_prec, max_pos=c_max)
+        sources["connector_layers"] = sources["connector_registers"] = "tensor shapes"
+        sources["connector_rope"] = (header_source if "rope_type" in ch or "connector_rope_type" in ch else
+                                     "LTX-2 default (split)") + \
+            (", float64 grid and max_pos 4096 (ComfyUI always)" if comfy else "")
+    if missing:
+        raise CheckpointError(f"{src}: cannot determine the {' and '.join(missing)}: the header does not state them "
+                              f"and the keys/shapes are not a known architecture ({', '.join(KNOWN_ARCHITECTURES)}); "
+                              f"{_architecture_help(missing)}")
+
+    def pick(key, default, what):
+        if key in h:
+            sources[what] = header_source
+            return h[key]
+        sources[what] = "LTX-2 default"
+        return default
+
+    max_pos = tuple(float(x) for x in pick("positional_embedding_max_pos", (20, 2048, 2048), "rope_max_pos"))
+    a_max = float(pick("audio_positional_embedding_max_pos", [20], "rope_audio_max_pos")[0])
+    theta = float(pick("positional_embedding_theta", 10000.0, "rope_theta"))
+    ts = float(pick("timestep_scale_multiplier", 1000.0, "timestep_scale_multiplier"))
+    rope = RopeConfig(conv.rope_kind, conv.rope_precision, theta, max_pos, a_max, arithmetic=conv.rope_arithmetic,
+                      causal_fix=conv.causal_fix, positions=conv.positions)
+    cfg = ModelConfig(num_layers=layers, video_heads=vh, video_head_dim=vhd, audio_heads=ah, audio_head_dim=ahd,
+                      in_channels=cin, audio_in_channels=cain, caption_channels=cap, ff_mult=ff,
+                      timestep_scale_multiplier=ts, rope=rope, num_audio_sinks=sinks,
+                      connectors=connectors).with_conventions(conv)
+    return cfg, sources
+
+
+def infer_config(km: KeyMap, conventions: Conventions | ConventionValues, src: str = "checkpoint", *,
+                 header: Optional[dict] = None, architecture: Optional[dict] = None) -> ModelConfig:
+    """`describe_config` without the provenance."""
+    return describe_config(km, conventions, src, header=header, architecture=architecture)[0]
 
 
 def header_for(config: ModelConfig) -> dict:
-    """The LTX-style header `config.transformer` entry that describes a model (for files we write)."""
+    """The LTX-style header `config.transformer` entry that describes a model (for files we write): head
+    counts, the LTX keys ComfyUI and ltx-core read, and our complete conventions under
+    `omniforcing_conventions` (read back exactly by `resolve_conventions`)."""
     c = config
+    conv = c.conventions
     h = {"num_attention_heads": c.video_heads, "attention_head_dim": c.video_head_dim,
          "audio_num_attention_heads": c.audio_heads, "audio_attention_head_dim": c.audio_head_dim,
          "rope_type": c.rope.kind, "frequencies_precision": c.rope.precision,
          "av_ca_timestep_scale_multiplier": c.av_ca_timestep_scale_multiplier,
+         "causal_temporal_positioning": c.rope.causal_fix, "use_middle_indices_grid": c.rope.positions == "middle",
          "timestep_scale_multiplier": c.timestep_scale_multiplier, "positional_embedding_theta": c.rope.theta,
          "positional_embedding_max_pos": list(c.rope.max_pos),
-         "audio_positional_embedding_max_pos": [c.rope.audio_max_pos]}
+         "audio_positional_embedding_max_pos": [c.rope.audio_max_pos],
+         HEADER_CONVENTIONS: {**conv.as_dict(), "preset": conv.preset}}
     if c.connectors:
         h["connector_attention_head_dim"] = c.connectors.head_dim
+        h["connector_num_attention_heads"] = c.connectors.heads
     return h
 
 
@@ -249,24 +441,24 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
                operations=None, conventions: Optional[dict] = None, layout: Optional[str] = None,
                drop_sinks: bool = False, allow_partial_overlay: bool = False,
                allow_pickle: bool = False, config: Optional[ModelConfig] = None,
-               dry_run: bool = False) -> tuple[OmniForcingTransformer, LoadReport]:
+               dry_run: bool = False, architecture: Optional[dict] = None) -> tuple[OmniForcingTransformer, LoadReport]:
     """Load base weights, overlay a distilled generator on top, and return the model + what was done.
 
     weight_dtype: None (as stored), float32/bfloat16/float16, or float8_e4m3fn/float8_e5m2 (Linear weights
     stored in fp8 and upcast at compute). compute_dtype defaults to the weight dtype (bf16 for fp8).
     Both take a torch dtype or its name (`as_dtype`: "fp8_e4m3fn", "bf16", "default", ...).
     dry_run: every check that needs no tensor data (what `info` runs), nothing read; the model stays on meta.
+    conventions: {field: value} overrides and/or "preset" (`resolve_conventions`); architecture: head-count
+    overrides for files whose header does not state them (`describe_config`).
     """
     wdt, requested_cdt = as_dtype(weight_dtype, "weight_dtype"), as_dtype(compute_dtype, "compute_dtype")
     bkm = scan(base, allow_pickle)
     okm = scan(overlay, allow_pickle) if overlay is not None else None
     conv = resolve_conventions(bkm, okm, conventions)
-    if config is not None:  # explicit shapes (files with no header and non-LTX head counts)
-        cfg = config.replace(rope=RopeConfig(conv.rope_kind, conv.rope_precision, config.rope.theta,
-                                             config.rope.max_pos, config.rope.audio_max_pos),
-                             av_ca_timestep_scale_multiplier=conv.av_ca_timestep_scale_multiplier)
+    if config is not None:  # explicit shapes: the whole config is the caller's, conventions as resolved
+        cfg, sources = config.with_conventions(conv.values), {"all": "explicit config"}
     else:
-        cfg = infer_config(bkm, conv, str(base))
+        cfg, sources = describe_config(bkm, conv, str(base), architecture=architecture)
     if drop_sinks and cfg.num_audio_sinks:
         cfg = cfg.replace(num_audio_sinks=0)
     with torch.device("meta"):
@@ -319,7 +511,7 @@ def load_model(base: os.PathLike | str, overlay: os.PathLike | str | None = None
     model.check_layout(lay)
     report = LoadReport(cfg, lay, conv, bkm.prefix, okm.prefix if okm else None, len(state),
                         sum(t.numel() for t in state.values()), stored_counts, wdt,
-                        len(bkm.ignored) + (len(okm.ignored) if okm else 0), cdt)
+                        len(bkm.ignored) + (len(okm.ignored) if okm else 0), cdt, sources)
     return model, report
 
 

@@ -8,6 +8,8 @@ The module holds weights only. Two forward paths share every layer:
 Latents cross the boundary in the native LTX-2 layout: video [B, 128, F, H/32, W/32], audio
 [B, 8, T, 16]; sigmas are per latent frame ([B, F] / [B, T]) or per sample ([B]). Returns
 velocities in the same layout.
+How the layers run where the references differ (RoPE tables, cross-modal gate timesteps, the V->A
+normalisation order, q/k-norm epsilon) is `config.conventions` (see `config.Conventions`).
 """
 from __future__ import annotations
 
@@ -149,8 +151,8 @@ class Conditioning:
     a_mod: torch.Tensor  # [B, Na, 6, Da]
     v_cross: torch.Tensor  # [B, Fv, 4, Dv]
     a_cross: torch.Tensor  # [B, Na, 4, Da]
-    v_gate: torch.Tensor  # [B, Fv, Dv]
-    a_gate: torch.Tensor  # [B, Na, Da]
+    v_gate: torch.Tensor  # [B, Fv, Dv], or [B, 1, Dv] when the gate follows the other modality per sample
+    a_gate: torch.Tensor  # [B, Na, Da], or [B, 1, Da]
     v_emb: torch.Tensor  # [B, Fv, Dv] embedded timestep for the output head
     a_emb: torch.Tensor  # [B, Na, Da]
     tpf: int  # video tokens per latent frame
@@ -160,8 +162,9 @@ class DualStreamBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, dtype=None, device=None):
         super().__init__()
         dv, da, dc = cfg.video_dim, cfg.audio_dim, cfg.cross_dim
-        kw = dict(ops=ops, eps=cfg.norm_eps, dtype=dtype, device=device)
-        self.eps = cfg.norm_eps
+        kw = dict(ops=ops, eps=cfg.qk_norm_eps, dtype=dtype, device=device)  # q/k norms: a convention
+        self.eps = cfg.norm_eps  # the parameter-free pre-norms
+        self.v2a_after_a2v = cfg.v2a_norm == "after-a2v"
         self.attn1 = Attention(dv, dv, cfg.video_heads, cfg.video_head_dim, **kw)
         self.attn2 = Attention(dv, dv, cfg.video_heads, cfg.video_head_dim, **kw)
         self.audio_attn1 = Attention(da, da, cfg.audio_heads, cfg.audio_head_dim, **kw)
@@ -207,7 +210,9 @@ class DualStreamBlock(nn.Module):
 
         xv, xa = ctx.pair(video_attn, xv, audio_attn, xa)
 
-        # cross-modal: both directions read the same pre-update normalised states (official ltx-core order)
+        # cross-modal: A2V reads the states normalised before either update; V2A reads the same ones
+        # (ltx-causal, ltx-core: the two directions run in parallel) or, with v2a_norm "after-a2v"
+        # (ComfyUI 783545f6), the video re-normalised after the A2V update
         nv, na = rms(xv, eps), rms(xa, eps)
         tv = self.scale_shift_table_a2v_ca_video.to(dt)
         ta = self.scale_shift_table_a2v_ca_audio.to(dt)
@@ -217,15 +222,19 @@ class DualStreamBlock(nn.Module):
 
         def a2v(xv):
             out = self._attend(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
-                              modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
+                               modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
             return xv + gated(out, gate_a2v, tpf)
 
-        def v2a(xa):
+        def v2a(xa, nv=nv):
             out = self._attend(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
-                              modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
+                               modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
             return xa + gate_v2a * out
 
-        xv, xa = ctx.pair(a2v, xv, v2a, xa)
+        if self.v2a_after_a2v:
+            xv = a2v(xv)
+            xa = v2a(xa, rms(xv, eps))
+        else:
+            xv, xa = ctx.pair(a2v, xv, v2a, xa)
 
         def video_ff(xv):
             return xv + gated(self.ff(modulate(rms(xv, eps), v_sh2, v_sc2, tpf)), v_g2, tpf)
@@ -265,6 +274,9 @@ class OmniForcingTransformer(nn.Module):
             from .connectors import TextConnector
             self.video_embeddings_connector = TextConnector(cfg.connectors, ops, **kw)
             self.audio_embeddings_connector = TextConnector(cfg.connectors, ops, **kw)
+            for conn in (self.video_embeddings_connector, self.audio_embeddings_connector):
+                for blk in conn.transformer_1d_blocks:  # the q/k-norm epsilon is a convention here too
+                    blk.attn1.q_norm.eps = blk.attn1.k_norm.eps = cfg.qk_norm_eps
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -344,13 +356,24 @@ class OmniForcingTransformer(nn.Module):
         cfg = self.config
         if sinks:  # sink tokens take the first audio frame's timestep
             audio_sigma = torch.cat([audio_sigma[:, :1].expand(-1, sinks), audio_sigma], 1)
-        ts, ca = cfg.timestep_scale_multiplier, cfg.av_ca_timestep_scale_multiplier
-        v_mod, v_emb = self.adaln_single(video_sigma * ts, dt)
-        a_mod, a_emb = self.audio_adaln_single(audio_sigma * ts, dt)
-        v_cross, _ = self.av_ca_video_scale_shift_adaln_single(video_sigma * ts, dt)
-        a_cross, _ = self.av_ca_audio_scale_shift_adaln_single(audio_sigma * ts, dt)
-        v_gate, _ = self.av_ca_a2v_gate_adaln_single(video_sigma * ca, dt)
-        a_gate, _ = self.av_ca_v2a_gate_adaln_single(audio_sigma * ca, dt)
+        ts = cfg.timestep_scale_multiplier
+        vt, at = video_sigma * ts, audio_sigma * ts  # [B, Fv], [B, Na] (float32, as every reference scales)
+        v_mod, v_emb = self.adaln_single(vt, dt)
+        a_mod, a_emb = self.audio_adaln_single(at, dt)
+        v_cross, _ = self.av_ca_video_scale_shift_adaln_single(vt, dt)
+        a_cross, _ = self.av_ca_audio_scale_shift_adaln_single(at, dt)
+        # the gate AdaLN sees (sigma * ts) * (av_ca / ts), the op order of all three references; whose
+        # sigma is the `gate_timestep` convention
+        if cfg.gate_timestep == "own":  # each modality's own per-frame sigma (ltx-causal)
+            v_in, a_in = vt, at
+        elif cfg.gate_timestep == "other-sample":  # the other modality's per-sample sigma (ltx-core)
+            v_in, a_in = at.amax(1, keepdim=True), vt.amax(1, keepdim=True)
+        else:  # "other-max": the other modality's maximum over the whole batch (ComfyUI 783545f6)
+            b = vt.shape[0]
+            v_in, a_in = at.amax().expand(b, 1), vt.amax().expand(b, 1)
+        factor = cfg.av_ca_timestep_scale_multiplier / ts
+        v_gate, _ = self.av_ca_a2v_gate_adaln_single(v_in * factor, dt)
+        a_gate, _ = self.av_ca_v2a_gate_adaln_single(a_in * factor, dt)
         return Conditioning(v_mod, a_mod, v_cross, a_cross, v_gate[:, :, 0], a_gate[:, :, 0], v_emb, a_emb, tpf)
 
     @staticmethod

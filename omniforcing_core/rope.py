@@ -1,11 +1,25 @@
-"""Rotary position embeddings over physical positions (seconds and pixels).
+"""Rotary position embeddings over physical positions (seconds and pixels), computed the way each
+reference computes them, to the bit.
 
-LTX-2 places each latent at the middle of its [start, end) bounds (the causal fix clamps latent 0),
-divides by max positions (20 s, 2048 px) and rotates by omega_i * (2 * frac - 1) with omega
-log-spaced from pi/2 to theta*pi/2. Two memory layouts exist in the wild:
+LTX-2 places each latent at the middle (or, in ComfyUI's default, the start) of its [start, end)
+bounds, where the causal fix makes video latent 0 hold one pixel frame (audio latents are causal in
+every reference), divides by max positions (20 s, 2048 px) and rotates by omega_i * (2 * frac - 1)
+with omega log-spaced from pi/2 to theta*pi/2. Everything after the bounds is float32 in all three
+references (the released OmniForcing student's `ltx-causal`, Lightricks' `ltx-core`, ComfyUI's
+`LTXAVModel`), but each rounds in its own order; `RopeConfig.arithmetic` names the order:
+
+  * "omniforcing" (ltx-causal `causal_precompute_freqs_cis`): midpoint in frames, then / rate, / max_pos;
+  * "ltx-core" (ltx-core patchifiers + `precompute_freqs_cis`): each bound / rate, then midpoint, / max_pos;
+  * "comfyui" (783545f6 `_prepare_positional_embeddings`): video bounds * (1 / fps), audio bounds / rate,
+    then midpoint (or start), / max_pos.
+
+The frequency grid (`precision`) is float32 `theta ** linspace(0, 1, n)` * pi / 2 ("float32"), or the
+same in numpy float64 rounded once to float32 ("float64": ltx-core's and ComfyUI's
+`generate_freq_grid_np`). Two memory layouts exist in the wild:
   * interleaved: one angle per adjacent pair over the whole inner dim (the released student);
   * split: per head, the first half of the head is rotated against the second half (the base header).
 Padding dims (inner dim not divisible by 2*axes) get the identity rotation and come first.
+Cross-modal (A2V/V2A) positions are always the middle of the time bounds, in every reference.
 Sink tokens get the identity rotation everywhere (position-free), or, as an ablation
 (`sink_positions="incremental"`), ordinary positions just before t = 0.
 """
@@ -15,32 +29,45 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-from .layout import TimeBase
+from .layout import CodecTime, TimeBase
+
+KINDS = ("interleaved", "split")
+PRECISIONS = ("float32", "float64")
+ARITHMETICS = ("omniforcing", "ltx-core", "comfyui")
+POSITIONS = ("middle", "start")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
     kind: str = "interleaved"  # "interleaved" | "split"
-    precision: str = "float32"  # frequency grid precision: "float32" | "float64"
+    precision: str = "float32"  # frequency grid: "float32" (torch linspace) | "float64" (numpy, rounded to f32)
     theta: float = 10000.0
     max_pos: tuple[float, float, float] = (20.0, 2048.0, 2048.0)  # seconds, px, px
     audio_max_pos: float = 20.0
     # audio sink tokens: "identity" (position-free, the paper) or "incremental" (sink i of S sits at
     # -(S - i) audio latents before t = 0; the Table 3 ablation)
     sink_positions: str = "identity"
+    arithmetic: str = "omniforcing"  # whose float32 op order turns bounds into fractions (module doc)
+    causal_fix: bool = True  # video latent 0 holds one pixel frame (bounds [0, 1)), not 8
+    positions: str = "middle"  # self-attention positions: "middle" of the bounds or their "start"
 
     def __post_init__(self):
-        if self.sink_positions not in ("identity", "incremental"):
-            raise ValueError(f"sink_positions '{self.sink_positions}' unknown; use 'identity' or 'incremental'")
-        if self.kind not in ("interleaved", "split"):
-            raise ValueError(f"rope kind '{self.kind}' unknown; use 'interleaved' or 'split'")
-        if self.precision not in ("float32", "float64"):
-            raise ValueError(f"rope precision '{self.precision}' unknown; use 'float32' or 'float64'")
+        for name, value, allowed in (("sink_positions", self.sink_positions, ("identity", "incremental")),
+                                     ("rope kind", self.kind, KINDS), ("rope precision", self.precision, PRECISIONS),
+                                     ("rope arithmetic", self.arithmetic, ARITHMETICS),
+                                     ("rope positions", self.positions, POSITIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} '{value}' unknown; use " + " or ".join(f"'{a}'" for a in allowed))
+        if not isinstance(self.causal_fix, bool):
+            raise ValueError(f"causal_fix must be True or False, got {self.causal_fix!r}")
 
     @property
     def grid_dtype(self) -> torch.dtype:
+        """The dtype tables are stored in: float64 for the float64 grid, else float32. The values are the
+        same either way: angles, cos and sin are float32 in every reference, whatever the grid precision."""
         return torch.float64 if self.precision == "float64" else torch.float32
 
 
@@ -68,42 +95,42 @@ def cat_tables(tables: Sequence[RopeTable]) -> RopeTable:
 
 
 def frequencies(n_axes: int, dim: int, cfg: RopeConfig) -> torch.Tensor:
-    """omega_i = (pi/2) * theta^(i/(n-1)), n = dim // (2 * n_axes), in the grid precision."""
+    """omega_i = (pi/2) * theta^(i/(n-1)), n = dim // (2 * n_axes), as float32, op for op as the references:
+    float32: theta ** torch.linspace(0, 1, n, float32), then * pi, then / 2 (all in float32);
+    float64: numpy float64 linspace and power, * pi / 2, rounded once to float32."""
     n = dim // (2 * n_axes)
-    dt = cfg.grid_dtype
-    if n == 1:
-        expo = torch.zeros(1, dtype=dt)
-    else:
-        expo = torch.arange(n, dtype=dt) / (n - 1)
-    return (cfg.theta ** expo) * (math.pi / 2)
+    theta = cfg.theta
+    if cfg.precision == "float64":
+        grid = np.power(theta, np.linspace(np.log(1) / np.log(theta), np.log(theta) / np.log(theta), n,
+                                           dtype=np.float64))
+        return torch.tensor(grid * math.pi / 2, dtype=torch.float32)
+    grid = theta ** torch.linspace(math.log(1, theta), math.log(theta, theta), n, dtype=torch.float32)
+    return grid * math.pi / 2
 
 
 def table_from_fractions(frac: torch.Tensor, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
-    """frac: [T, n_axes] fractional positions (position / max_pos). Returns the table for `dim`."""
+    """frac: [T, n_axes] fractional positions (position / max_pos), rounded to float32 if wider.
+    Angles, cos and sin in float32 as every reference computes them. Returns the table for `dim`."""
     t, n_axes = frac.shape
     omega = frequencies(n_axes, dim, cfg)  # [n]
-    frac = frac.to(cfg.grid_dtype)
+    frac = frac.to(torch.float32)
     # angles ordered [omega_0 on every axis, omega_1 on every axis, ...]
     ang = (omega[None, :, None] * (frac[:, None, :] * 2 - 1)).reshape(t, -1)  # [T, n*axes]
-    cos, sin = ang.cos(), ang.sin()
-    if cfg.kind == "interleaved":
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-        pad = dim - cos.shape[-1]
-        cos, sin = _pad_front(cos, sin, pad)
-        return RopeTable(cos, sin, "interleaved")
-    half = dim // 2
-    cos, sin = _pad_front(cos, sin, half - cos.shape[-1])
-    if half % heads:
-        raise ValueError(f"split rope: {half} frequencies do not divide into {heads} heads")
-    return RopeTable(cos.reshape(t, heads, half // heads), sin.reshape(t, heads, half // heads), "split")
-
-
-def _pad_front(cos: torch.Tensor, sin: torch.Tensor, pad: int):
-    if pad <= 0:
-        return cos, sin
-    t = cos.shape[0]
-    return (torch.cat([torch.ones(t, pad, dtype=cos.dtype), cos], -1),
-            torch.cat([torch.zeros(t, pad, dtype=sin.dtype), sin], -1))
+    interleaved = cfg.kind == "interleaved"
+    width = dim if interleaved else dim // 2
+    if not interleaved and width % heads:
+        raise ValueError(f"split rope: {width} frequencies do not divide into {heads} heads")
+    pad = width - ang.shape[1] * (2 if interleaved else 1)  # identity dims, first
+    out = []
+    for fn, fill in ((torch.cos, 1.0), (torch.sin, 0.0)):
+        tab = torch.full((t, width), fill, dtype=cfg.grid_dtype)
+        vals = fn(ang)  # float32, as every reference
+        if interleaved:  # each angle rotates one adjacent pair
+            tab[:, pad:].view(t, -1, 2).copy_(vals[:, :, None].expand(-1, -1, 2))
+        else:
+            tab[:, pad:].copy_(vals)
+        out.append(tab if interleaved else tab.view(t, heads, width // heads))
+    return RopeTable(out[0], out[1], cfg.kind)
 
 
 def identity_table(n: int, dim: int, heads: int, kind: str, dtype=torch.float32) -> RopeTable:
@@ -117,21 +144,47 @@ def identity_table(n: int, dim: int, heads: int, kind: str, dtype=torch.float32)
 
 # -- physical positions -----------------------------------------------------------------------
 
-def video_latent_times(latents: range, time: TimeBase) -> torch.Tensor:
-    return torch.tensor([time.video.latent_time(f) for f in latents], dtype=torch.float64)
+def latent_bounds(codec: CodecTime, latents: range, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """[start, end) of each latent in decoded frames (pixel or mel), float32 (exact integers).
+    causal: latent 0 holds one frame (LTX-2's causal codecs); else every latent holds `stride`."""
+    lat = torch.arange(latents.start, latents.stop, dtype=torch.int64)
+    s = codec.stride
+    if causal:
+        return ((lat * s + 1 - s).clamp(min=0).to(torch.float32), ((lat + 1) * s + 1 - s).clamp(min=0).to(torch.float32))
+    return (lat * s).to(torch.float32), ((lat + 1) * s).to(torch.float32)
 
 
-def audio_latent_times(latents: range, time: TimeBase) -> torch.Tensor:
-    return torch.tensor([time.audio.latent_time(a) for a in latents], dtype=torch.float64)
+def _seconds(frames: torch.Tensor, rate: float, reciprocal: bool) -> torch.Tensor:
+    return frames * (1.0 / rate) if reciprocal else frames / rate
+
+
+def latent_seconds(codec: CodecTime, latents: range, cfg: RopeConfig, *, video: bool, where: str) -> torch.Tensor:
+    """Position (s, float32) of each latent, rounded in the order `cfg.arithmetic` names. where: "middle"
+    of the bounds or their "start". Video's first latent follows `cfg.causal_fix`; audio is always causal."""
+    s, e = latent_bounds(codec, latents, cfg.causal_fix if video else True)
+    rate = codec.frame_rate
+    recip = video and cfg.arithmetic == "comfyui"  # ComfyUI: pixel frame * (1.0 / frame_rate)
+    if where == "start":
+        return _seconds(s, rate, recip)
+    if cfg.arithmetic == "omniforcing":  # ltx-causal: (start + end) / 2.0 / fps (and * hop / sr for audio)
+        return _seconds((s + e) / 2.0, rate, recip)
+    return (_seconds(s, rate, recip) + _seconds(e, rate, recip)) / 2.0
+
+
+def _pixel_fractions(n: int, stride: int, max_pos: float, where: str) -> torch.Tensor:
+    px = torch.arange(n, dtype=torch.float32) * stride
+    if where == "middle":
+        px = px + stride / 2.0  # (start + end) / 2.0 of integer bounds: exact in every reference's order
+    return px / max_pos
 
 
 def video_fractions(latents: range, grid_hw: tuple[int, int], time: TimeBase, cfg: RopeConfig) -> torch.Tensor:
-    """[F*H*W, 3] (t, y, x) fractions; token order f-major then h then w (patchify order)."""
+    """[F*H*W, 3] (t, y, x) float32 fractions; token order f-major then h then w (patchify order)."""
     h, w = grid_hw
     s = time.spatial_stride
-    t = video_latent_times(latents, time) / cfg.max_pos[0]
-    y = (torch.arange(h, dtype=torch.float64) * s + s / 2) / cfg.max_pos[1]
-    x = (torch.arange(w, dtype=torch.float64) * s + s / 2) / cfg.max_pos[2]
+    t = latent_seconds(time.video, latents, cfg, video=True, where=cfg.positions) / cfg.max_pos[0]
+    y = _pixel_fractions(h, s, cfg.max_pos[1], cfg.positions)
+    x = _pixel_fractions(w, s, cfg.max_pos[2], cfg.positions)
     tt, yy, xx = torch.meshgrid(t, y, x, indexing="ij")
     return torch.stack([tt, yy, xx], -1).reshape(-1, 3)
 
@@ -153,8 +206,8 @@ def _sink_table(sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfi
 
 
 def audio_self_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
-    frac = (audio_latent_times(latents, time) / cfg.audio_max_pos)[:, None]
-    tab = table_from_fractions(frac, dim, heads, cfg)
+    secs = latent_seconds(time.audio, latents, cfg, video=False, where=cfg.positions)
+    tab = table_from_fractions((secs / cfg.audio_max_pos)[:, None], dim, heads, cfg)
     if sinks:
         tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cfg.audio_max_pos, tab.cos.dtype), tab])
     return tab
@@ -162,18 +215,18 @@ def audio_self_table(latents: range, sinks: int, time: TimeBase, dim: int, heads
 
 def video_cross_table(latents: range, tokens_per_latent: int, time: TimeBase, dim: int, heads: int,
                       cfg: RopeConfig) -> RopeTable:
-    """1-D temporal rope for the video side of A2V/V2A, shared by all tokens of a latent frame."""
+    """1-D temporal rope for the video side of A2V/V2A (middle of the bounds), shared by a frame's tokens."""
     cross_max = max(cfg.max_pos[0], cfg.audio_max_pos)
-    frac = (video_latent_times(latents, time) / cross_max)[:, None]
-    tab = table_from_fractions(frac, dim, heads, cfg)
+    secs = latent_seconds(time.video, latents, cfg, video=True, where="middle")
+    tab = table_from_fractions((secs / cross_max)[:, None], dim, heads, cfg)
     rep = lambda a: a.repeat_interleave(tokens_per_latent, dim=0)  # noqa: E731
     return RopeTable(rep(tab.cos), rep(tab.sin), tab.kind)
 
 
 def audio_cross_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
     cross_max = max(cfg.max_pos[0], cfg.audio_max_pos)
-    frac = (audio_latent_times(latents, time) / cross_max)[:, None]
-    tab = table_from_fractions(frac, dim, heads, cfg)
+    secs = latent_seconds(time.audio, latents, cfg, video=False, where="middle")
+    tab = table_from_fractions((secs / cross_max)[:, None], dim, heads, cfg)
     if sinks:
         tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cross_max, tab.cos.dtype), tab])
     return tab
