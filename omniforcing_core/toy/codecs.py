@@ -150,6 +150,31 @@ class AudioCodec(nn.Module):
         return x * MEL_SCALE - MEL_OFFSET
 
 
+# The vocoder's level stages, both per frame and stateless (a streamed decode still equals the
+# whole-clip decode): generated spectra can carry e^15 times the energy of anything the world makes,
+# so each STFT frame's log energy is compressed softly towards the world's loudest frames (about
+# 9.7; world frames pass nearly untouched), keeping its spectral shape; then the waveform goes
+# through a soft limiter whose ceiling leaves room for AAC's overshoot (files stay in full scale).
+LEVEL_KNEE, LEVEL_CEILING = 9.0, 10.0  # log of a frame's summed squared magnitudes
+KNEE, CEILING = 0.5, 0.8  # waveform
+
+
+def soft_cap(x: torch.Tensor, knee: float, ceiling: float) -> torch.Tensor:
+    """Identity below `knee`, then a tanh curve towards `ceiling` that never reaches it (no kink)."""
+    span = ceiling - knee
+    return torch.where(x > knee, knee + span * torch.tanh((x - knee) / span), x)
+
+
+def soft_limit(x: torch.Tensor, knee: float = KNEE, ceiling: float = CEILING) -> torch.Tensor:
+    return torch.sign(x) * soft_cap(x.abs(), knee, ceiling)
+
+
+def level_stage(mag: torch.Tensor) -> torch.Tensor:
+    """[B, bins, m] magnitudes: every frame louder than the knee turned down as a whole (a compressor)."""
+    level = torch.log((mag ** 2).sum(1, keepdim=True).clamp(min=1e-30))
+    return mag * torch.exp(-0.5 * (level - soft_cap(level, LEVEL_KNEE, LEVEL_CEILING)))
+
+
 class Vocoder(nn.Module):
     """Procedural vocoder: log-mel -> linear magnitude (pseudo-inverse of the filterbank) -> Griffin-Lim."""
 
@@ -163,7 +188,7 @@ class Vocoder(nn.Module):
     @torch.no_grad()
     def forward(self, log_mel: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """[B, 64, m + 1] -> waveform [B, 160 m * out_rate / 16000] at `out_rate` Hz."""
-        mag = torch.clamp(self.inv @ torch.exp(log_mel.float()), min=0)
+        mag = level_stage(torch.clamp(self.inv @ torch.exp(log_mel.float()), min=0))
         mag = torch.where(mag < 2e-5, torch.zeros_like(mag), mag)
         n = HOP * (mag.shape[-1] - 1)
         g = torch.Generator().manual_seed(seed)
@@ -178,7 +203,7 @@ class Vocoder(nn.Module):
         if self.out_rate != SAMPLE_RATE:
             out_n = int(round(n * self.out_rate / SAMPLE_RATE))
             wave = F.interpolate(wave[:, None], size=out_n, mode="linear", align_corners=False)[:, 0]
-        return wave.clamp(-1, 1)
+        return soft_limit(wave)  # a level stage, not clipping
 
 
 class Codecs(nn.Module):

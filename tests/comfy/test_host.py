@@ -281,7 +281,7 @@ def test_bad_schedule_text_is_a_node_error(host):
     g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=2)
     (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
     g[sched]["inputs"]["text"] = "3s: starts late"
-    assert "one must start at 0s" in rejected(host, g)
+    assert "must start at 0s" in rejected(host, g)
 
 
 def failed(host, g) -> str:
