@@ -30,6 +30,17 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: give 0 or more")
+    return n
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("keys", help="print {key: shape} of a config as JSON (no weights allocated)")
     k.add_argument("--config", default="ltx2-19b")
     k.add_argument("--prefix", default="", help="e.g. model.diffusion_model.")
-    k.add_argument("--sinks", type=int, default=0, help="add audio sink tokens (v1 checkpoints)")
+    k.add_argument("--sinks", type=_count, default=0, help="add audio sink tokens (v1 checkpoints)")
     k.add_argument("--compact", action="store_true")
     k.set_defaults(fn=cmd_keys)
     i = sub.add_parser("info", help="detected layout, conventions, parameter count and dtypes of checkpoint(s)")
