@@ -191,13 +191,14 @@ def _convention_inputs():
 
 def _preset_inputs(default_hint: str):
     return [
-        io.Combo.Input("conventions", options=PRESET_CHOICES, default="auto", advanced=True,
+        # optional, so graphs saved before these widgets existed still validate
+        io.Combo.Input("conventions", options=PRESET_CHOICES, default="auto", advanced=True, optional=True,
                        tooltip="Conventions preset the weights run under: omniforcing-student (the released "
                                "causal checkpoint, as ltx-causal runs it), ltx-core (Lightricks' reference with "
                                "the LTX-2 header), comfyui (ComfyUI's LTXAVModel). auto: " + default_hint +
                                " The widgets above and convention_overrides change single fields; the info "
                                "output says where each value came from."),
-        io.String.Input("convention_overrides", default="", advanced=True,
+        io.String.Input("convention_overrides", default="", advanced=True, optional=True,
                         tooltip="Single convention fields, comma separated: " + ", ".join(
                             f"{k} ({'/'.join(map(str, c)) if c else 'number'})" for k, (c, _) in
                             CONVENTION_FIELDS.items()) + ". Example: gate_timestep=own, causal_fix=true"),
@@ -273,7 +274,7 @@ class OmniForcingModelLoader(io.ComfyNode):
                 *_convention_inputs(),
                 *_preset_inputs("the generator file's header, else omniforcing-student; a base loaded alone with "
                                 "an LTX-2 header: ltx-core."),
-                io.String.Input("heads", default="auto", advanced=True,
+                io.String.Input("heads", default="auto", advanced=True, optional=True,
                                 tooltip="Attention head counts for files whose header does not state them and "
                                         "whose shapes are not a known architecture (LTX-2 19B is recognised): "
                                         "e.g. 'video=32, audio=32, connector=30'. auto: header or known "
