@@ -16,8 +16,17 @@ keyframe, and after a kill the last block is lost. Instead:
 One clock: video frame n is at n/fps, audio sample m at m/sample_rate, both from t=0. The AAC
 encoder's 1024 priming samples are hidden by an edit list in the init segment, so A/V sync does
 not depend on block sizes. The AAC encoder holds back a few packets (measured 3-6, i.e. 0.1-0.25 s at
-24 kHz), so a fragment's audio may end slightly before its video; the rest rides in the next fragment
-(or the final one on close), and a killed stream loses only that much audio.
+24 kHz: it cannot code a frame before it has the next one), so a fragment's audio may end slightly before
+its video; the rest rides in the next fragment (or the final one on close), and a killed stream loses only
+that much audio.
+
+`align_av=True` (issue 11 item 1) cuts every fragment - hence every HLS segment - at one time instead: the
+frames whose time the packets out of the encoder do not cover yet are kept back (as pixels, at most
+`_max_held` of them) and written with the next block, x264 encoding them again so that every fragment still
+starts on a keyframe; packets past the cut wait too. Each fragment's audio then ends 0-1023 samples after
+its video. The cost: those frames (~3-4 per block at 24 fps) reach the disk one `write()` later, and a
+killed stream (SIGKILL) loses them - what is on disk is aligned all the same. A caller handing less audio
+than video is not waited for (frames are kept back only while the audio handed in covers them).
 
 Stops (issue 14). Whatever ends a stream, what is on disk is valid:
 
@@ -25,7 +34,8 @@ Stops (issue 14). Whatever ends a stream, what is on disk is valid:
   bytes to `moof` once the whole fragment is written: a process killed mid-write (SIGKILL, power)
   leaves a torn tail that readers skip, never a fragment with missing data. HLS segments and the
   playlist are written to a temporary name and renamed.
-* `close()` (idempotent) ends the MP4 on a whole fragment, muxes the encoder's held-back audio,
+* `close()` (idempotent) ends the MP4 on a whole fragment, muxes the encoder's held-back audio (align_av:
+  with the frames kept back, in one last fragment and segment),
   trims the audio to the length given to completed writes (A/V equal within one AAC frame) and
   ends the playlist (#EXT-X-ENDLIST). A fatal error in `write()` - the encoder dying (its stderr
   tail is in the message), disk full, NaN/Inf output, x264 failing - does the same and then raises
@@ -38,7 +48,8 @@ Stops (issue 14). Whatever ends a stream, what is on disk is valid:
 * A small reserve file (`.NAME.reserve`, 1 MiB) is given back when the disk fills up, so the stream
   can still be ended properly.
 * Memory is bounded: AAC packets are handed over and forgotten, PCM is kept only back to the
-  encoder's last packet, and `hls_window` keeps a rolling playlist (older segment files deleted).
+  encoder's last packet, align_av keeps back at most `_max_held` frames and _MAX_HELD_PACKETS packets,
+  and `hls_window` keeps a rolling playlist (older segment files deleted).
 """
 from __future__ import annotations
 
@@ -71,6 +82,7 @@ from .media import (MediaError, NonFiniteError, PathLike, aac_rate, child_proces
 AAC_PRIMING = 1024  # ffmpeg's native AAC encoder delay (samples); checked by the A/V offset test
 _ENCODER_LAG_PACKETS = 8  # packets the encoder may legitimately still hold after a write (measured 3-5)
 _SETTLE_S = 0.03  # after that, keep taking packets until the encoder is quiet this long
+_MAX_HELD_PACKETS = 16  # align_av: AAC packets kept past the video cut at most (audio handed ahead of its video)
 RESERVE_BYTES = 1 << 20  # disk space held back for a stream's last writes (audio tail, ended playlist)
 _STDERR_LINES = 20  # the encoder's stderr lines kept for error messages
 _PAGE = 4096
@@ -424,7 +436,7 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def _check_arguments(fps, sample_rate, width, height, channels, name, hls_dirname, hls_window, crf, preset,
-                     audio_bitrate, audio_wait_s) -> None:
+                     audio_bitrate, audio_wait_s, align_av) -> None:
     """Every argument, before any file or process exists."""
     try:
         ok = math.isfinite(float(fps)) and float(fps) > 0
@@ -454,6 +466,8 @@ def _check_arguments(fps, sample_rate, width, height, channels, name, hls_dirnam
         raise MediaError(f"preset must be one of {', '.join(X264_PRESETS)}, got {preset!r}")
     if not isinstance(audio_wait_s, numbers.Real) or not audio_wait_s >= 0:
         raise MediaError(f"audio_wait_s must be a number of seconds >= 0, got {audio_wait_s!r}")
+    if not isinstance(align_av, bool):
+        raise MediaError(f"align_av must be True or False, got {align_av!r}")
 
 
 def _check_output_paths(paths: LivePaths, part: Path) -> None:
@@ -487,6 +501,12 @@ class LiveWriter:
     the last N segments (#EXT-X-MEDIA-SEQUENCE advances); a segment's file is deleted one window
     after it left the playlist (a client may still hold the previous playlist). The MP4 keeps all.
 
+    align_av: cut every fragment / HLS segment where its audio ends (within one AAC frame) by keeping back
+    the few frames the AAC encoder has not caught up with; they are written by the next `write()` or by
+    `close()`. Off by default: then every frame is on disk when its `write()` returns and each call makes
+    one segment, but a segment's audio ends 2-4 AAC frames before its video. `BlockWritten` and
+    `summary()` count what is on disk.
+
     Errors are MediaError. Bad arguments and output paths are refused before anything is written.
     In `write()`, a bad block (wrong size or channel count) is refused and the stream goes on; a fatal
     error (NaN/Inf output, the encoder dying, disk full, x264 failing) ends the stream at its last
@@ -496,14 +516,15 @@ class LiveWriter:
     def __init__(self, out_dir: PathLike, fps: float, sample_rate: Optional[int], width: int, height: int, *,
                  channels: int = 2, name: str = "omniforcing.mp4", hls: bool = True, hls_dirname: str = "hls",
                  hls_window: int = 0, crf: int = 20, preset: str = "veryfast", audio_bitrate: str = "128k",
-                 odd_size: str = "pad", audio_wait_s: float = 2.0):
+                 odd_size: str = "pad", audio_wait_s: float = 2.0, align_av: bool = False):
         _check_arguments(fps, sample_rate, width, height, channels, name, hls_dirname, hls_window, crf, preset,
-                         audio_bitrate, audio_wait_s)
+                         audio_bitrate, audio_wait_s, align_av)
         self.out_dir = Path(out_dir)
         self.fps, self.sample_rate, self.channels = float(fps), sample_rate and int(sample_rate), int(channels)
         self.width, self.height = int(width), int(height)
         self.crf, self.preset, self.odd_size, self.audio_wait_s = crf, preset, odd_size, audio_wait_s
         self.audio_bitrate, self.hls_window = audio_bitrate, int(hls_window)
+        self.align_av = align_av and bool(sample_rate)
         hls_dir = self.out_dir / hls_dirname if hls else None
         self.paths = LivePaths(self.out_dir / name, hls_dir, hls_dir / "index.m3u8" if hls_dir else None)
         self._part = self.out_dir / f".{name}.part"  # the MP4 until its first fragment is whole
@@ -514,6 +535,9 @@ class LiveWriter:
         scale = 1000 if rate.numerator < 1000 else 1
         self.video_timescale, self.frame_delta = rate.numerator * scale, rate.denominator * scale
         self.encoded_rate = aac_rate(self.sample_rate) if self.sample_rate else None
+        # align_av: frames held back at most - the span of the packets an encoder may hold, and one more
+        self._max_held = (-(-(_ENCODER_LAG_PACKETS + 2) * AAC_FRAME * self.video_timescale
+                            // (self.frame_delta * self.encoded_rate)) + 1) if self.encoded_rate else 0
         self._writing: Path = self.paths.mp4  # the file being written, for error messages
         for folder in (self.out_dir, hls_dir):
             if folder is None:
@@ -547,7 +571,8 @@ class LiveWriter:
         self._committed = 0  # MP4 bytes that are whole boxes
         self._published = False  # the .part file renamed to its final name
         self._sequence = 0  # fragments in the MP4
-        self._frames = 0
+        self._frames = 0  # in the MP4
+        self._held: Optional[np.ndarray] = None  # align_av: frames of completed writes not yet covered by audio
         self._samples_in = 0  # given to completed write()/write_audio() calls
         self._packets_muxed = 0
         self._audio_pending: list[bytes] = []  # taken from the encoder, not yet in a fragment
@@ -621,6 +646,11 @@ class LiveWriter:
         return self._closed
 
     @property
+    def _frames_in(self) -> int:
+        """Frames given to completed writes: in the MP4, or held back for their audio (align_av)."""
+        return self._frames + (0 if self._held is None else self._held.shape[0])
+
+    @property
     def audio_seconds_muxed(self) -> float:
         if not self._aac:
             return 0.0
@@ -650,7 +680,7 @@ class LiveWriter:
     def _audio_block(self, audio: Any, n_frames: int) -> np.ndarray:
         if audio is None:
             # silence up to the video clock so later blocks stay in sync
-            target = round((self._frames + n_frames) / self.fps * self.sample_rate)
+            target = round((self._frames_in + n_frames) / self.fps * self.sample_rate)
             return np.zeros((self.channels, max(0, target - self._samples_in)), np.float32)
         wave = to_waveform(audio, what="generated audio")
         if wave.shape[0] == 1 and self.channels > 1:
@@ -661,10 +691,13 @@ class LiveWriter:
 
     # -- one block ------------------------------------------------------------------------------
     def _write_block(self, video: np.ndarray, wave: Optional[np.ndarray]) -> tuple[Optional[Path], int]:
-        """Encode, then append: counters move only once the fragment is whole in the MP4."""
+        """Encode, then append: counters move only once the fragment is whole in the MP4.
+        align_av: the fragment ends where its audio ends (`_cut`); later frames wait for the next one."""
         if self._aac:
             self._aac.write(wave)
-        runs = [self._encode_video(video)]
+        parts = [video] if self._held is None else [self._held, video]
+        total = sum(p.shape[0] for p in parts)
+        run = self._encode_video(parts)  # while the AAC encoder works
         if self._aac:
             # everything but the encoder's last few packets is due; wait (bounded) so fragments stay full
             due = (self._aac.fed * self.encoded_rate // self.sample_rate + AAC_PRIMING) // AAC_FRAME \
@@ -673,38 +706,90 @@ class LiveWriter:
             if self._aac.failed:
                 raise MediaError(self._aac.death())
             self._audio_pending.extend(self._aac.take())
-            runs.append(TrackRun(2, self._packets_muxed * AAC_FRAME,
-                                 [Sample(p, AAC_FRAME) for p in self._audio_pending]))
+        samples_in = self._samples_in + (wave.shape[1] if self._aac else 0)
+        frames, packets = self._cut(total, samples_in)
+        if not frames:  # every frame waits for its audio: no fragment this time
+            self._keep(parts, total, samples_in)
+            return None, 0
+        # no B-frames: the first access units alone decode; the frames kept are encoded again, with the next
+        # block, so that every fragment starts on a keyframe
+        del run.samples[frames:]
+        return self._commit([run], packets, frames / self.fps,
+                            lambda: self._keep(parts, total - frames, samples_in))
+
+    def _keep(self, parts: list[np.ndarray], count: int, samples_in: int) -> None:
+        """The call is complete: its audio counts, and the last `count` frames of `parts` are kept back (a
+        copy: the caller may reuse its buffer, and a view would keep the whole block alive)."""
+        self._samples_in = samples_in
+        kept = []
+        for p in reversed(parts):
+            if count <= 0:
+                break
+            kept.append(p[max(0, p.shape[0] - count):])
+            count -= kept[-1].shape[0]
+        self._held = np.concatenate(kept[::-1]) if kept else None
+
+    def _cut(self, frames: int, samples_in: int) -> tuple[int, int]:
+        """How many of `frames` (the next frames of the stream) and of the pending AAC packets go into the
+        next fragment. Without align_av: all of them. With it: the frames whose time the packets out of the
+        encoder cover, and the packets up to the first one that reaches past the last of those frames, so
+        the fragment's audio ends 0-1023 samples after its video. Frames are kept back only while the audio
+        handed in covers them (a caller giving less audio than video is not waited for) and at most
+        `_max_held`; packets at most _MAX_HELD_PACKETS (a caller giving more audio than video)."""
+        pending = len(self._audio_pending)
+        if not self.align_av:
+            return frames, pending
+        enc, scale, delta = self.encoded_rate, self.video_timescale, self.frame_delta
+        end = (self._frames + frames) * delta * enc  # the video's end, in encoded samples x timescale
+        slack = max(AAC_FRAME * scale, delta * enc)
+        if end > samples_in * enc * scale // self.sample_rate + slack:
+            cut = frames  # the audio handed in stops short of the video: it cannot be waited for
+        else:
+            out = max(0, self._packets_muxed + pending - 1) * AAC_FRAME  # presentation end of the audio out
+            cut = min(frames, max(0, out * scale // (delta * enc) - self._frames, frames - self._max_held))
+        video_end = -(-(self._frames + cut) * delta * enc // scale)  # encoded samples, rounded up
+        packets = -(-video_end // AAC_FRAME) + 1 - self._packets_muxed  # audio end (P - 1) * 1024 >= video end
+        return cut, min(pending, max(packets, pending - _MAX_HELD_PACKETS, 0))
+
+    def _commit(self, runs: list[TrackRun], packets: int, seconds: float, complete,
+                playlist: bool = True) -> tuple[Optional[Path], int]:
+        """One fragment: `runs` (video) and the first `packets` pending AAC packets, appended to the MP4
+        (the init segment first); `complete()` once it is whole there; then its HLS segment."""
+        if self._aac:
+            runs = runs + [TrackRun(2, self._packets_muxed * AAC_FRAME,
+                                    [Sample(p, AAC_FRAME) for p in self._audio_pending[:packets]])]
         fragment = media_fragment(self._sequence + 1, runs)
         first = self._init is None
         if first:
             self._init = self._make_init()
             self._append(self._init, commit=False)
         self._append(fragment, commit=True)
-        # the block is whole in the MP4: count it
+        # the fragment is whole in the MP4: count it
         self._sequence += 1
-        self._frames += video.shape[0]
+        self._frames += len(runs[0].samples)
         if self._aac:
-            self._samples_in += wave.shape[1]
-            self._packets_muxed += len(runs[1].samples)
-            self._audio_pending = []
+            self._packets_muxed += packets
+            del self._audio_pending[:packets]
             # PCM is needed back to the last packet only (to re-encode a dead encoder's tail)
             self._aac.trim_history(max(0, self._packets_muxed - 1) * AAC_FRAME * self.sample_rate
                                    // self.encoded_rate)
+        complete()
         self._blocks += 1
-        self._last_runs, self._block_sequence, self._last_seconds = runs, self._sequence, video.shape[0] / self.fps
+        self._last_runs, self._block_sequence, self._last_seconds = runs, self._sequence, seconds
         if first:
             self._publish()
-        return self._write_segment(fragment, video.shape[0] / self.fps), len(fragment)
+        return self._write_segment(fragment, seconds, playlist), len(fragment)
 
-    def _encode_video(self, video: np.ndarray) -> TrackRun:
-        n, h, w = video.shape[:3]
+    def _encode_video(self, parts: list[np.ndarray]) -> TrackRun:
+        """The frames of `parts`, in order, as one closed GOP (x264 reads them as one input)."""
+        n, (h, w) = sum(p.shape[0] for p in parts), parts[0].shape[1:3]
         es = run_ffmpeg(["-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
                          "-framerate", rate_string(self.fps), "-i", "pipe:0", "-c:v", "libx264",
                          "-preset", self.preset, "-crf", str(self.crf), "-pix_fmt", "yuv420p",
                          "-bf", "0",  # decode order == presentation order: no composition offsets
                          "-x264-params", "aud=1",  # a delimiter before each frame: how we split frames
-                         "-f", "h264", "pipe:1"], input=video.tobytes()).stdout
+                         "-f", "h264", "pipe:1"],
+                        input=b"".join(memoryview(np.ascontiguousarray(p)).cast("B") for p in parts)).stdout
         nals = split_annexb(es)
         if self._video_track is None:
             sps, pps = parameter_sets(nals)
@@ -719,16 +804,17 @@ class LiveWriter:
     def _fail(self, err: MediaError) -> NoReturn:
         """A fatal error: end the stream at its last whole block, then raise one MediaError."""
         self._stopped = str(err)
+        problem = ""
+        try:
+            self._finish()
+        except MediaError as e:
+            problem = f"; while closing: {e}"
         if self._sequence:
             where = (f"the stream was ended at {self._frames / self.fps:.2f} s ({self._blocks} blocks); "
                      f"its files are closed and valid up to there")
         else:
             where = "nothing of this stream was written (an earlier run's files are left as they were)"
-        try:
-            self._finish()
-        except MediaError as e:
-            where += f"; while closing: {e}"
-        raise MediaError(f"{err}; {where}") from None
+        raise MediaError(f"{err}; {where}{problem}") from None
 
     def _finish(self) -> None:
         """Everything `close()` promises, each step on its own (one failing does not skip the others)."""
@@ -748,16 +834,24 @@ class LiveWriter:
         self._writing = self.paths.mp4
         step(self._drop_torn_tail)
         tail: list[bytes] = []
-        if self._aac and not self._sequence:
+        if self._aac and not self._sequence and self._held is None:
             self._aac.finish()  # nothing of this stream is on disk: no audio to add
         elif self._aac:
             tail = step(self._audio_tail) or []
             if self._audio_lost:
                 errors.append(f"the last {self._audio_lost:.2f} s of audio could not be encoded again "
                               f"after the encoder died: the audio ends that much before the video")
-            if tail and step(self._append_audio_tail, tail) is None:
+            if self._held is not None:
+                # align_av: the frames kept back and the audio tail make one last fragment and segment,
+                # after the segment of the last block if that one could not be written (disk full)
+                step(self._finish_hls, [])
+                if step(self._flush_held, tail) is None:
+                    step(self._drop_torn_tail)
+                tail = []
+            elif tail and step(self._append_audio_tail, tail) is None:
                 step(self._drop_torn_tail)
-            step(self._rewrite_init)
+            if self._init is not None:
+                step(self._rewrite_init)
         step(self._finish_hls, tail)
         _close_quietly(self._mp4)
         if not self._published:
@@ -790,6 +884,14 @@ class LiveWriter:
         if len(tail) < need:
             self._audio_lost = (need - len(tail)) * AAC_FRAME / self.encoded_rate
         return tail
+
+    def _flush_held(self, tail: list[bytes]) -> bool:
+        """The frames kept back for their audio and the audio tail: the last fragment (and segment)."""
+        video, self._held = self._held, None
+        self._audio_pending = list(tail)
+        self._commit([self._encode_video([video])], len(tail), video.shape[0] / self.fps, lambda: None,
+                     playlist=False)
+        return True
 
     def _append_audio_tail(self, tail: list[bytes]) -> bool:
         run = TrackRun(2, self._packets_muxed * AAC_FRAME, [Sample(p, AAC_FRAME) for p in tail])

@@ -1,7 +1,8 @@
 """Issue 11 item 1: live output is A/V aligned. Whatever the decoders' reach and the decode mode, the driver
 hands the writer frames [f0, f1) together with exactly the audio of [f0 / fps, f1 / fps) (the modality decoded
-first waits for the other), and at the end or on a cancel everything is flushed so audio and video end
-together (within one AAC frame). The written files are decoded back segment by segment."""
+first waits for the other), the writer (`align_av`) cuts every fragment and HLS segment where its audio ends
+(within one AAC frame), and at the end or on a cancel everything is flushed so audio and video end together
+(within one AAC frame). The written files are decoded back segment by segment."""
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ class Cancel(BaseException):
 
 def _stream(results, mode, reach, out, stop_after=None):
     plan = decode_plan(mode, reach_decoders(*reach, TIME), TIME)
-    writer = RecordingWriter(LiveWriter(out, TIME.fps, SR, 64, 64))
+    writer = RecordingWriter(LiveWriter(out, TIME.fps, SR, 64, 64, align_av=True))
 
     def blocks():
         for i, r in enumerate(results):
@@ -71,13 +72,20 @@ def test_every_write_covers_the_same_time_and_the_file_ends_together(generated, 
     assert frames == 97  # 4 s: the whole clip, however late the slower decoder was
     info = probe_media(writer.paths.mp4)
     assert info.video.frames == 97 and abs(info.av_drift) * SR <= AAC_FRAME
+    _check_segments(writer, f"{case} / {mode}", frames)
+
+
+def _check_segments(writer, title, frames):
+    """Every HLS segment (decoded back with the ones before it) ends its audio within one AAC frame of its
+    video: mid-stream 0-1023 samples after it (the writer keeps back the frames its AAC encoder has not
+    covered yet), the last one wherever the audio handed in ends."""
     rows = segment_ends(writer.paths.playlist)
-    assert len(rows) == sum(c.frames > 0 for c in writer.calls)
-    # the writer muxes the audio packets its AAC encoder has emitted; it holds a few back (live.py: up to
-    # _ENCODER_LAG_PACKETS), so mid-stream a segment's audio may end that much early, never late
+    table = format_segment_table(title, rows, SR)
+    assert len(rows) <= sum(c.frames > 0 for c in writer.calls) + 1, table  # at most one more: the flush
+    assert rows[-1].video_end == pytest.approx(frames / 24, abs=1e-6), table
     for r in rows[:-1]:
-        assert -9 * AAC_FRAME <= r.skew_samples(SR) <= AAC_FRAME, format_segment_table(case, rows, SR)
-    assert abs(rows[-1].skew_samples(SR)) <= AAC_FRAME
+        assert 0 <= r.skew_samples(SR) < AAC_FRAME, table
+    assert abs(rows[-1].skew_samples(SR)) <= AAC_FRAME, table
 
 
 @pytest.mark.parametrize("case", REACHES)
@@ -87,12 +95,4 @@ def test_a_cancel_flushes_both_modalities_to_the_same_end(generated, case, tmp_p
     assert frames == 49  # blocks 0 and 1, all of them
     info = probe_media(writer.paths.mp4)
     assert info.video.frames == 49 and abs(info.av_drift) * SR <= AAC_FRAME
-
-
-@pytest.mark.xfail(reason="live.py puts into each fragment only the AAC packets its encoder has emitted so far "
-                          "(2-4 frames behind the audio it was given): segments are aligned to one AAC frame only "
-                          "once the writer cuts fragments at the video time (see the streaming report)", strict=False)
-def test_every_segment_is_aligned_to_one_aac_frame(generated, tmp_path):
-    writer = _stream(generated, "exact", REACHES["video ahead 5"], tmp_path)
-    rows = segment_ends(writer.paths.playlist)
-    assert all(abs(r.skew_samples(SR)) <= AAC_FRAME for r in rows), format_segment_table("exact", rows, SR)
+    _check_segments(writer, f"{case} / cancel", frames)
