@@ -12,20 +12,14 @@ import time
 
 import torch
 
+from .argtypes import whole_number
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("rolling", "full", "prefix")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (0 or a negative is an error, never a silent default)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be 1 or more")
-    return n
+positive_int = whole_number(1)
 
 
 def mode_list(text: str) -> list[str]:

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from .argtypes import whole_number
+
 from .config import PRESETS as _PRESETS
 
 PRESET_NAMES = tuple(_PRESETS)
@@ -28,17 +30,6 @@ def cmd_keys(args) -> int:
     print()
     print(f"# {len(keys)} tensors, {sum(_numel(s) for s in keys.values()):,} parameters", file=sys.stderr)
     return 0
-
-
-def _count(text: str) -> int:
-    """argparse type: a whole number, 0 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n}: give 0 or more")
-    return n
 
 
 def _numel(shape) -> int:
@@ -126,7 +117,7 @@ def main(argv=None) -> int:
     k = sub.add_parser("keys", help="print {key: shape} of a config as JSON (no weights allocated)")
     k.add_argument("--config", default="ltx2-19b")
     k.add_argument("--prefix", default="", help="e.g. model.diffusion_model.")
-    k.add_argument("--sinks", type=_count, default=0, help="add audio sink tokens (v1 checkpoints)")
+    k.add_argument("--sinks", type=whole_number(0), default=0, help="add audio sink tokens (v1 checkpoints)")
     k.add_argument("--compact", action="store_true")
     k.set_defaults(fn=cmd_keys)
     i = sub.add_parser("info", help="detected layout, conventions, parameter count and dtypes of checkpoint(s)")

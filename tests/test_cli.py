@@ -50,8 +50,8 @@ def test_bench_arguments_are_checked_not_defaulted(capsys):
     import pytest
 
     from omniforcing_core.cli import main
-    for argv, needle in ((["--blocks", "0"], "must be 1 or more"), (["--dtype", "fp7"], "invalid choice"),
-                         (["--modes", "rolling,fast"], "unknown mode"), (["--height", "-3"], "must be 1 or more")):
+    for argv, needle in ((["--blocks", "0"], "give 1 or more"), (["--dtype", "fp7"], "invalid choice"),
+                         (["--modes", "rolling,fast"], "unknown mode"), (["--height", "-3"], "give 1 or more")):
         with pytest.raises(SystemExit) as e:
             main(["bench", *argv])
         assert e.value.code == 2 and needle in capsys.readouterr().err
