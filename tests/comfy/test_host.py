@@ -200,8 +200,9 @@ def test_stream_workflow_with_prompt_schedule_writes_live_files(host):
 
 
 def test_native_model_path_shares_weights_and_matches_our_loader(host):
-    """UNETLoader (native LTXAV) -> From Native MODEL gives the same latents as our loader on the same
-    weights; the stream's exact decode equals decoding the whole latent with ComfyUI's VAE classes."""
+    """UNETLoader (native LTXAV) -> From Native MODEL, run under the student's conventions, gives the same
+    latents as our loader on the same weights (ComfyUI's own q/k norms keep their 1e-5 epsilon: ~2e-5
+    apart); the stream's exact decode equals decoding the whole latent with ComfyUI's VAE classes."""
     base = tinyfy(load_api_workflow("omniforcing_t2av_5s"), seconds=3)
     keep = {k: v for k, v in base.items() if v["class_type"] in
             ("CheckpointLoaderSimple", "LTXVAudioVAELoader", "OmniForcingTestCLIP", "CLIPTextEncode",
@@ -217,7 +218,7 @@ def test_native_model_path_shares_weights_and_matches_our_loader(host):
                                                        "weight_dtype": "default"}}
     g["101"] = {"class_type": "OmniForcingFromNativeModel",
                 "inputs": {"model": ["100", 0], "layout": "auto", "rope": "auto", "rope_precision": "auto",
-                           "av_gate_multiplier": "auto"}}
+                           "av_gate_multiplier": "auto", "conventions": "omniforcing-student"}}
     g["102"] = {"class_type": "OmniForcingSampler", "inputs": {**g[sampler]["inputs"], "model": ["101", 0]}}
     g["110"] = {"class_type": "OmniForcingTestSaveTensors",
                 "inputs": {"name": "ours", "latent": [sampler, 0], "image": [vdec, 0], "audio": [adec, 0]}}

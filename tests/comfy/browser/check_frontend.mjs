@@ -10,6 +10,9 @@ import { pathToFileURL } from "node:url";
 
 const [url, repo, artifacts, pwDir] = process.argv.slice(2);
 const { chromium } = await import(pathToFileURL(`${pwDir}/index.mjs`).href);
+// long enough that the tiny random model (about 0.1 s a block here) is still generating after the
+// player has played a second: an 8 s stream sometimes ended within a second and the check flaked
+const STREAM_SECONDS = 30;
 const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo"];
 mkdirSync(artifacts, { recursive: true });
 
@@ -70,7 +73,7 @@ async function livePlayer(label, bypassCSP) {
                           window.LiteGraph?.registered_node_types?.OmniForcingStream, null, { timeout: 120000 });
   await p.waitForTimeout(1500);
   const ui = JSON.parse(readFileSync(`${repo}/workflows/omniforcing_stream_60s_schedule.json`, "utf8"));
-  const queued = await p.evaluate(async ({ ui, label }) => {
+  const queued = await p.evaluate(async ({ ui, label, seconds }) => {
     const app = window.app;
     await app.loadGraphData(ui);
     await new Promise((res) => setTimeout(res, 500));
@@ -87,7 +90,7 @@ async function livePlayer(label, bypassCSP) {
     fake.connect(0, sched, sched.inputs.findIndex((i) => i.name === "clip"));
     const set = (node, name, v) => { const w = node.widgets.find((w) => w.name === name); w.value = v; };
     set(sched, "text", "0s: waves on a beach | 4s: a seagull calls");
-    for (const [k, v] of Object.entries({ width: 64, height: 64, seconds: 8, window: 2, decode: "fast",
+    for (const [k, v] of Object.entries({ width: 64, height: 64, seconds, window: 2, decode: "fast",
                                            filename_prefix: `omniforcing/browser_${label}` })) set(stream, k, v);
     stream.size = [420, 700];
     app.canvas.ds.scale = 1.0;
@@ -95,7 +98,7 @@ async function livePlayer(label, bypassCSP) {
     app.canvas.setDirty(true, true);
     await app.queuePrompt(0, 1);
     return { id: stream.id };
-  }, { ui, label });
+  }, { ui, label, seconds: STREAM_SECONDS });
   if (queued.error) return { error: queued.error };
   const samples = [];
   let shot = null;
@@ -128,13 +131,13 @@ async function livePlayer(label, bypassCSP) {
       return { t: v.currentTime, duration: Number.isFinite(v.duration) ? v.duration : null,
                mode: node.omniforcingPlayer.mode, error: v.error ? v.error.code : null };
     }, queued.id);
-    if (after.error !== null || (after.duration !== null && after.duration > 7.5)) break;
+    if (after.error !== null || (after.duration !== null && after.duration > STREAM_SECONDS - 0.5)) break;
   }
   await ctx.close();
   const during = samples.filter((s) => s.status === "block");
   let advanced = false;
   for (let i = 1; i < during.length; i++) if (during[i].t > during[i - 1].t + 0.05) advanced = true;
-  return { advanced, modes: [...new Set(samples.map((s) => s.mode).filter(Boolean))], final: samples[samples.length - 1],
+  return { seconds: STREAM_SECONDS, advanced, modes: [...new Set(samples.map((s) => s.mode).filter(Boolean))], final: samples[samples.length - 1],
            after, during: during.length, maxTimeDuring: Math.max(0, ...during.map((s) => s.t)), screenshot: shot };
 }
 result.player = { csp: await livePlayer("csp", false), mse: await livePlayer("mse", true) };
