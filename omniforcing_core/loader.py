@@ -125,8 +125,32 @@ def _conventions_from_header(h: dict) -> dict:
     """Convention fields a header states: our own complete entry, else the LTX-style keys it has."""
     own = h.get(HEADER_CONVENTIONS)
     if isinstance(own, dict):
-        return {k: v for k, v in own.items() if k in CONVENTION_FIELDS}
-    return {f: read(h[k]) for k, (f, read) in LTX_HEADER_KEYS.items() if k in h}
+        found = {k: v for k, v in own.items() if k in CONVENTION_FIELDS}
+        return {k: _checked(f"{HEADER_CONVENTIONS}.{k}", v, k, v) for k, v in found.items()}
+    return {f: _checked(k, h[k], f, _coerce(read, h[k])) for k, (f, read) in LTX_HEADER_KEYS.items() if k in h}
+
+
+def _coerce(read, raw):
+    try:
+        return read(raw)
+    except (TypeError, ValueError):
+        return raw  # _checked names it
+
+
+def _checked(key: str, raw, field: str, value):
+    """A header is untrusted data: a convention value must be one of its field's choices (a number for
+    numeric fields, a JSON true/false for flags), never coerced into one."""
+    choices, _ = CONVENTION_FIELDS[field]
+    flag = choices == (True, False)
+    ok = (isinstance(raw, bool) if flag else
+          value in choices if choices else
+          isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw == raw and raw > 0)
+    if not ok:
+        want = "true or false" if flag else (", ".join(map(str, choices)) if choices else "a positive number")
+        raise CheckpointError(f"the checkpoint header's '{key}' is {raw!r}, not {want}; fix the file's config "
+                              f"metadata or override the convention (loader node 'conventions' / "
+                              f"'convention_overrides', info --preset/--convention)")
+    return value
 
 
 def _is_ltx_header(h: dict) -> bool:
@@ -215,7 +239,11 @@ def _split(width: int, what: str, heads_key: str, dim_key: str, header: dict, ov
     for name, vals in (("override", (override.get(out_heads), override.get(out_dim))),
                        (header_name, (header.get(heads_key), header.get(dim_key))),
                        (f"known architecture {known[0]}" if known else "", (known[1] if known else None, None))):
-        heads, dim = (None if v is None else int(v) for v in vals)
+        bad = [v for v in vals if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)]
+        if bad:  # a header is untrusted data: '32' or [32] is not a head count
+            raise CheckpointError(f"{src}: the {name or 'given'} {what} head count / head dim {vals[0]!r} x "
+                                  f"{vals[1]!r} are not positive whole numbers; {ARCHITECTURE_HELP}")
+        heads, dim = vals
         if heads is None and dim is None:
             continue
         if heads is None:

@@ -412,3 +412,35 @@ def test_info_still_reports_a_good_base_and_overlay(tmp_path, tiny, capsys):
     assert info["key_prefix"] == "model.diffusion_model." and info["overlay"]["key_prefix"] == "model."
     assert info["tensors"] == len(tiny.state_dict()) and info["overlay"]["tensors"] == len(tiny.state_dict())
     assert info["conventions"]["from"]["rope_kind"] == "OmniForcing student default"
+
+
+@pytest.mark.parametrize("where,bad", [
+    ("heads", {"num_attention_heads": "abc"}), ("heads", {"num_attention_heads": [1, 2]}),
+    ("heads", {"attention_head_dim": -3}),
+    ("own", {"rope_kind": 5}), ("own", {"qk_norm_eps": "x"}), ("own", {"causal_fix": "maybe"}),
+    ("ltx", {"rope_type": 5}), ("ltx", {"frequencies_precision": []}),
+    ("ltx", {"av_ca_timestep_scale_multiplier": "x"}), ("ltx", {"causal_temporal_positioning": "maybe"}),
+])
+def test_header_values_of_the_wrong_type_are_a_checkpoint_error(tmp_path, where, bad):
+    """Values inside a valid config are data too: never coerced ('32' or [32] is no head count)."""
+    import json as _json
+
+    from omniforcing_core.config import TINY
+    from omniforcing_core.embedded import random_model
+    from omniforcing_core.loader import HEADER_CONVENTIONS, header_for, load_model
+    m = random_model(TINY)
+    h = header_for(m.config)
+    if where == "own":
+        h[HEADER_CONVENTIONS] = {**h[HEADER_CONVENTIONS], **bad}
+    else:
+        if where == "ltx":
+            h.pop(HEADER_CONVENTIONS)
+        h.update(bad)
+    p = save_safetensors(dict(m.state_dict()), tmp_path / "m.safetensors",
+                         metadata={"config": _json.dumps({"transformer": h})})
+    with pytest.raises(CheckpointError, match=list(bad)[0] if where != "heads" else "not positive whole numbers"):
+        load_model(p)
+    good = header_for(m.config)  # negative control: the same file with its own header loads
+    p2 = save_safetensors(dict(m.state_dict()), tmp_path / "ok.safetensors",
+                          metadata={"config": _json.dumps({"transformer": good})})
+    load_model(p2)
