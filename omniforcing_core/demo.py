@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import whole_number
+
 
 def seconds_arg(text: str) -> float:
     """argparse type: a finite number of seconds (whole seconds are checked by the layout)."""
@@ -42,6 +44,8 @@ def add_parser(sub) -> None:
     d.add_argument("--assets", default=None, help="a folder of exported toy assets (default: the shipped ones; "
                                                  "`python -m omniforcing_core.toy export --out DIR` writes one)")
     d.add_argument("--out", default="out", help="output folder (omniforcing.mp4, hls/index.m3u8)")
+    d.add_argument("--hls-window", type=whole_number(0), default=0,
+                   help="segments the HLS playlist keeps (a rolling live playlist for long streams; 0 = all)")
     d.set_defaults(fn=run)
 
 
@@ -66,7 +70,7 @@ def run(args) -> int:
     clip = make_clip(d.layout, height, width, seconds=args.seconds, seed=args.seed)
     t = clip.layout.time
     plan = decode_plan(args.decode, d.decoders(t), t)
-    writer = LiveWriter(out, t.fps, t.audio_sample_rate, width, height)
+    writer = LiveWriter(out, t.fps, t.audio_sample_rate, width, height, hls_window=args.hls_window)
     sampler = Sampler(d.model, clip, d.text(args.prompt), policy=CachePolicy(window=args.window or None))
     print(f"streaming {clip.seconds:.0f} s of {width}x{height} audio+video ({clip.num_blocks} blocks, "
           f"embedded {d.description}, {args.decode} decode) into {out}/  prompt: '{args.prompt}'")

@@ -10,6 +10,7 @@ from omniforcing_core.cli import main
     (["demo", "--seconds", "inf"], "not a length"),
     (["demo", "--seconds", "abc"], "not a number of seconds"),
     (["keys", "--sinks", "-5"], "0 or more"),
+    (["demo", "--hls-window", "-1"], "0 or more"),
 ])
 def test_argument_errors_exit_2_with_the_fix(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -35,6 +36,8 @@ def test_demo_refuses_bad_values_before_writing(extra, needle, tmp_path, capsys)
 
 
 def test_demo_still_runs_after_the_checks(tmp_path, capsys):
-    """Negative control: a valid call streams (1 s, random model: fast)."""
-    assert main(["demo", "--random", "--seconds", "1", "--out", str(tmp_path)]) == 0
+    """Negative control: a valid call streams (3 s, random model: fast); a rolling playlist keeps 2 segments."""
+    from omniforcing_core.live import read_playlist
+    assert main(["demo", "--random", "--seconds", "3", "--hls-window", "2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "omniforcing.mp4").stat().st_size > 0
+    assert len(read_playlist(tmp_path / "hls" / "index.m3u8").segments) == 2
