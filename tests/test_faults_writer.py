@@ -13,13 +13,13 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from harness.writer import CTRL_C_WRITER, reap
 
 from omniforcing_core import live
 from omniforcing_core.live import LiveWriter, read_playlist
@@ -93,45 +93,15 @@ def leftovers(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
-def _reap(pid: int) -> None:
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    raise AssertionError(f"encoder {pid} outlived its writer")
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. abnormal stops: Ctrl-C to the whole process group, SIGTERM, an encoder dying
 
-_CTRL_C_WRITER = textwrap.dedent("""
-    import sys, numpy as np
-    sys.path.insert(0, {repo!r})
-    from omniforcing_core.live import LiveWriter
-    w = LiveWriter({out!r}, {fps}, {sr}, {w}, {h})
-    print(w._aac.proc.pid, flush=True)
-    try:
-        i = 0
-        while True:
-            t = np.arange(i * {na}, (i + 1) * {na}) / {sr}
-            audio = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None].repeat(2, 0)
-            w.write(np.full(({nf}, {h}, {w}, 3), (40 * i) % 256, np.uint8), audio)
-            print("block", i, flush=True)
-            i += 1
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-    finally:
-        w.close()
-""")
 
 
 def test_ctrl_c_to_the_process_group_leaves_an_ended_stream_in_sync(tmp_path):
     """A terminal's Ctrl-C reaches every process of the foreground group: the ffmpeg children must not
     see it (they run in their own process group), and the writer closes the stream whole."""
-    script = _CTRL_C_WRITER.format(repo=str(REPO), out=str(tmp_path), fps=FPS, sr=SR, w=W, h=H, nf=NF, na=NA)
+    script = CTRL_C_WRITER.format(repo=str(REPO), out=str(tmp_path), fps=FPS, sr=SR, w=W, h=H, nf=NF, na=NA, kwargs="")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own group, like a terminal job
     try:
@@ -146,7 +116,7 @@ def test_ctrl_c_to_the_process_group_leaves_an_ended_stream_in_sync(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert "interrupted" in out and "Traceback" not in err, err
-    _reap(encoder)
+    reap(encoder)
     printed = int(re.findall(r"block (\d+)", out)[-1]) + 1
     info = assert_stream_ended(tmp_path, frames=None)
     # every block is whole: the one being written when Ctrl-C came is finished first

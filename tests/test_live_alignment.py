@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from harness.writer import CTRL_C_WRITER
 
 from harness.av import format_segment_table, segment_ends
 from omniforcing_core import live
@@ -186,31 +186,14 @@ def test_disk_full_on_a_segment(tmp_path, monkeypatch):
     assert_aligned(tmp_path, 4 * NF)
 
 
-_CTRL_C_WRITER = textwrap.dedent("""
-    import sys, numpy as np
-    sys.path.insert(0, {repo!r})
-    from omniforcing_core.live import LiveWriter
-    w = LiveWriter({out!r}, {fps}, {sr}, {w}, {h}, align_av=True)
-    try:
-        i = 0
-        while True:
-            t = np.arange(i * {na}, (i + 1) * {na}) / {sr}
-            audio = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None].repeat(2, 0)
-            w.write(np.full(({nf}, {h}, {w}, 3), (40 * i) % 256, np.uint8), audio)
-            print("block", i, flush=True)
-            i += 1
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-    finally:
-        w.close()
-""")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_ctrl_c_closes_and_sigkill_leaves_an_aligned_file(tmp_path, sig):
     """Ctrl-C (to the process group): the block being written is finished and close() writes the frames kept
     back. SIGKILL: no close, the frames kept back are lost, but what is on disk is whole and aligned."""
-    script = _CTRL_C_WRITER.format(repo=str(REPO), out=str(tmp_path), fps=FPS, sr=SR, w=W, h=H, nf=NF, na=NA)
+    script = CTRL_C_WRITER.format(repo=str(REPO), out=str(tmp_path), fps=FPS, sr=SR, w=W, h=H, nf=NF, na=NA,
+                                  kwargs=", align_av=True")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -1,7 +1,6 @@
 """MP4 / live fMP4 / HLS writing, checked by decoding the files back with the same ffmpeg binary."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness.writer import reap
 
 from omniforcing_core import fmp4
 from omniforcing_core.layout import DEFAULT_TIME, make_layout
@@ -223,7 +223,7 @@ def test_live_survives_abrupt_stop(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)  # no close(), no atexit, no flush
         proc.wait()
-    _reap(encoder_pid)
+    reap(encoder_pid, strict=False)
     video_s = sum(f for f, _ in blocks) / FPS
     info = probe_media(tmp_path / "omniforcing.mp4")
     assert info.num_streams == 2
@@ -239,14 +239,3 @@ def test_live_survives_abrupt_stop(tmp_path):
         one = tmp_path / f"one_{name}.mp4"
         one.write_bytes(init + (tmp_path / "hls" / name).read_bytes())
         assert probe_media(one).video.frames == nf
-
-
-def _reap(pid: int) -> None:
-    """The encoder we spawned sees EOF and exits; make sure of it (by its pid) so no process leaks."""
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
