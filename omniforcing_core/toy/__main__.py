@@ -76,8 +76,10 @@ def cmd_train(a) -> int:
         from .stages import make_ode_pairs
         make_ode_pairs(cfg, a.run)
     else:
+        from .distributed import shutdown
         from .train import Runner
         Runner(cfg, a.run, resume=not a.fresh).run(a.max_steps)
+        shutdown()
     print(f"[{a.stage}] wall {time.perf_counter() - t0:.1f} s")
     return 0
 

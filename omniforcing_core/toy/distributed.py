@@ -27,6 +27,15 @@ def dist_env() -> tuple[int, int, str]:
     return rank, world, "cpu"
 
 
+def shutdown() -> None:
+    """End a torchrun job together: every rank waits for the others (a rank that exits while a peer is
+    still in a collective resets its connection and aborts it), then the process group is destroyed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def current_rank() -> int:
     """This process's rank in the initialised process group; 0 without one."""
     import torch.distributed as dist
