@@ -22,6 +22,18 @@ def expand_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     return s.view(s.shape[0], 1, s.shape[1], *([1] * (x.dim() - 3)))
 
 
+def frame_sigmas(sigma, b: int, n: int, device=None) -> torch.Tensor:
+    """sigma scalar / [B] / [B, F] -> per latent frame [B, F] (float32), or an error naming the shape."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    if s.dim() == 0:
+        s = s.expand(b)
+    if s.dim() == 1:
+        s = s[:, None].expand(b, n)
+    if s.shape != (b, n):
+        raise ValueError(f"sigma shape {tuple(s.shape)} does not match [B={b}, frames={n}]")
+    return s.float()
+
+
 def noisy(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     """x0 moved to noise level sigma along the straight path to `noise`."""
     s = sigma if isinstance(sigma, (int, float)) else expand_sigma(sigma, x0).to(x0.dtype)
@@ -63,4 +75,4 @@ def predict_x0(velocity: Velocity, x: AV, sigma: AV, cfg: Optional[AV] = None,
     return x0 if cfg is None else x0.zip(cfg, guide)
 
 
-__all__ = ["expand_sigma", "noisy", "x0_from_velocity", "euler_step", "twice", "guide", "predict_x0", "Velocity"]
+__all__ = ["expand_sigma", "frame_sigmas", "noisy", "x0_from_velocity", "euler_step", "twice", "guide", "predict_x0", "Velocity"]

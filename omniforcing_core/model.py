@@ -22,6 +22,7 @@ from torch import nn
 
 from .cache import BlockView, StreamCache
 from .config import ModelConfig
+from .flow import frame_sigmas
 from .layers import (AdaLayerNormSingle, Attention, AttentionFn, FeedForward, TextProjection, _param, gated,
                      modulate, rms, sdpa_attention)
 from .layout import Block, BlockLayout, DEFAULT_TIME, TimeBase
@@ -376,22 +377,11 @@ class OmniForcingTransformer(nn.Module):
         a_gate, _ = self.av_ca_v2a_gate_adaln_single(a_in * factor, dt)
         return Conditioning(v_mod, a_mod, v_cross, a_cross, v_gate[:, :, 0], a_gate[:, :, 0], v_emb, a_emb, tpf)
 
-    @staticmethod
-    def _frame_sigmas(sigma, b: int, n: int, device) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
-        if sigma.dim() == 0:
-            sigma = sigma.expand(b)
-        if sigma.dim() == 1:
-            sigma = sigma[:, None].expand(b, n)
-        if sigma.shape != (b, n):
-            raise ValueError(f"sigma shape {tuple(sigma.shape)} does not match [B={b}, frames={n}]")
-        return sigma.float()
-
     def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype):
         b, c, f, h, w = video.shape
         t_a = audio.shape[2]
-        vs = self._frame_sigmas(video_sigma, b, f, video.device)
-        as_ = self._frame_sigmas(audio_sigma, b, t_a, video.device)
+        vs = frame_sigmas(video_sigma, b, f, video.device)
+        as_ = frame_sigmas(audio_sigma, b, t_a, video.device)
         xv = self.patchify_proj(video.to(dt).permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
         xa = self.audio_patchify_proj(audio.to(dt).permute(0, 2, 1, 3).reshape(b, t_a, -1))
         if sinks:

@@ -20,7 +20,7 @@ import torch
 
 from .budget import HEADROOM, check_fits, check_stream, gib
 from .cache import CachePolicy, StreamCache
-from .flow import noisy, predict_x0
+from .flow import frame_sigmas, noisy, predict_x0, twice
 from .layout import Block, Clip
 from .modality import AV
 from .model import OmniForcingTransformer, Runtime
@@ -144,36 +144,28 @@ class PrefixBackend:
         pass
 
     def _with_history(self, x: AV, sigma: AV) -> tuple[AV, AV]:
-        sigma = x.zip(sigma, lambda t, s: _per_frame(s, t.shape[0], t.shape[2]))
+        """The finished blocks' context followed by `x` (in the compute dtype), and their per-frame sigmas."""
+        x = x.map(lambda t: t.to(self.runtime.dtype_of(self.model)))
+        sigma = x.zip(sigma, lambda t, s: frame_sigmas(s, t.shape[0], t.shape[2], t.device))
         if self.hist is None:
             return x, sigma
         cat = lambda a, b: torch.cat([a, b.to(a.dtype)], -1 if a.dim() == 2 else 2)  # noqa: E731
         return self.hist.zip(x, cat), self.hist_sigma.zip(sigma, cat)
 
     def velocity(self, x: AV, sigma: AV, text: TextKV) -> AV:
-        full, full_sigma = self._with_history(x.map(lambda t: t.to(self.runtime.dtype_of(self.model))), sigma)
+        full, full_sigma = self._with_history(x, sigma)
         v = AV(*self.model(full.video, full.audio, full_sigma.video, full_sigma.audio, text, self.layout,
                            self.window, self.runtime))
         return v.zip(x, lambda out, cur: out[:, :, -cur.shape[2]:])
 
     def commit(self, block: Block, x: AV, sigma: AV, text: TextKV) -> None:
-        self.hist, self.hist_sigma = self._with_history(x.map(lambda t: t.to(self.runtime.dtype_of(self.model))),
-                                                        sigma)
+        self.hist, self.hist_sigma = self._with_history(x, sigma)
 
     def switch_prompt(self, text: TextKV) -> None:
         pass
 
     def nbytes(self) -> int:
         return 0 if self.hist is None else sum(t.numel() * t.element_size() for t in self.hist)
-
-
-def _per_frame(sigma, b: int, n: int) -> torch.Tensor:
-    s = torch.as_tensor(sigma, dtype=torch.float32)
-    if s.dim() == 0:
-        s = s.expand(b)
-    if s.dim() == 1:
-        s = s[:, None].expand(b, n)
-    return s.float()
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -267,7 +259,7 @@ class Sampler:
             ctx = self.renoise(block, ctx, CONTEXT_STEP, cs)
         sigma = self.sigmas(block, cs)
         if self.guidance:
-            ctx, sigma = ctx.map(lambda t: torch.cat([t, t])), sigma.map(lambda t: torch.cat([t, t]))
+            ctx, sigma = ctx.map(twice), sigma.map(twice)  # the CFG batch
         self.backend.commit(block, ctx, sigma, text)
 
     # -- the block loop --------------------------------------------------------------------------
