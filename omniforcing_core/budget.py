@@ -22,7 +22,7 @@ def gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
-def activation_bytes(model, clip: Clip, cache: StreamCache, batch: int, itemsize: int) -> int:
+def activation_bytes(model, clip: Clip, cache: StreamCache) -> int:
     """One block's activations at their peak, including attention scores when a kernel
     materialises them (queries x every key the block reads)."""
     cfg, (h, w) = model.config, clip.grid
@@ -31,15 +31,14 @@ def activation_bytes(model, clip: Clip, cache: StreamCache, batch: int, itemsize
     nv = max(b0.video_len, b1.video_len) * h * w
     na = max(b0.audio_tokens, b1.audio_tokens)
     keys_v = cache.valid_len_after(clip.num_blocks, "video_self")
-    return batch * itemsize * (16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v)
+    return cache.batch * cache.itemsize * (16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v)
 
 
 def stream_bytes(model, clip: Clip, policy: CachePolicy, batch: int, dtype: torch.dtype) -> int:
     """Bytes besides the weights: the KV cache after the clip's last block (or at its window) plus
     one block's activations."""
     cache = model.new_cache(clip.layout, clip.grid, policy, batch, dtype=dtype)
-    item = torch.empty((), dtype=dtype).element_size()
-    return cache.estimate_bytes(clip.num_blocks) + activation_bytes(model, clip, cache, batch, item) + HEADROOM
+    return cache.estimate_bytes(clip.num_blocks) + activation_bytes(model, clip, cache) + HEADROOM
 
 
 def available_bytes(device) -> Optional[int]:

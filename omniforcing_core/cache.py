@@ -91,7 +91,7 @@ class StreamCache:
         self.head = 0  # newest block begun
         self._reserved_slots = 0
         self.on_grow = None  # called with the bytes about to be allocated (memory checks)
-        self.k_item = torch.empty((), dtype=dtype).element_size()
+        self.itemsize = torch.empty((), dtype=dtype).element_size()  # bytes per K/V element
 
     def reserve(self, num_blocks: int) -> None:
         """Allocate for a known length up front (no regrowth, exact bytes)."""
@@ -172,7 +172,7 @@ class StreamCache:
         cap = self.sink_len[kind] + slots * self.slot_len[kind]
         shape = (self.batch, cap, self.dims[kind])
         if self.on_grow is not None:
-            self.on_grow(2 * (cap - have) * self.dims[kind] * self.batch * self.k_item)
+            self.on_grow(2 * (cap - have) * self.dims[kind] * self.batch * self.itemsize)
         for store in (self.k[layer], self.v[layer]):
             new = torch.zeros(shape, device=self.device, dtype=self.dtype)
             if kind in store:
@@ -215,6 +215,5 @@ class StreamCache:
     def estimate_bytes(self, num_blocks: Optional[int]) -> int:
         """Bytes the buffers reach after `num_blocks` blocks (None: once the window is full), for
         memory planning before allocating."""
-        item = torch.empty((), dtype=self.dtype).element_size()
         per_layer = sum(self.valid_len_after(num_blocks, k) * self.dims[k] for k in KINDS)
-        return 2 * self.num_layers * self.batch * per_layer * item
+        return 2 * self.num_layers * self.batch * per_layer * self.itemsize
