@@ -8,6 +8,7 @@ whole seconds of both streams; every other module asks this one for indices and 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -70,6 +71,15 @@ class TimeBase:
     @property
     def samples_per_mel_frame(self) -> int:
         return int(round(self.audio_sample_rate / self.mel_rate))
+
+    @property
+    def samples_per_video_frame(self) -> Fraction:
+        """Audio samples per pixel frame, exactly (24 kHz / 24 fps = 1000)."""
+        return Fraction(self.audio_sample_rate) / Fraction(self.fps).limit_denominator(1001)
+
+    def sample_at_frame(self, frame: int) -> int:
+        """The audio sample where video frame `frame` starts: round(frame * sample_rate / fps), exactly."""
+        return int(frame * self.samples_per_video_frame + Fraction(1, 2))
 
     def video_latents_per_second(self) -> int:
         return _whole(self.fps / self.video_stride, "video latents per second")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import time as _time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -148,14 +147,12 @@ class _Pending:
 
 class AVAligner:
     """Buffers decoded frames and samples; releases frames [f0, f1) with samples [s(f0), s(f1)) once both
-    are decoded, where s(f) = round(f * sample_rate / fps) is the audio sample at video frame f."""
+    are decoded, where s(f) = `time.sample_at_frame(f)` is the audio sample at video frame f."""
 
-    def __init__(self, fps: float, sample_rate: int):
-        self.samples_per_frame = Fraction(sample_rate) / Fraction(fps).limit_denominator(1001)
+    def __init__(self, time: TimeBase):
+        self.sample_at = time.sample_at_frame
+        self.samples_per_frame = time.samples_per_video_frame
         self.video, self.audio = _Pending(0), _Pending(-1)
-
-    def sample_at(self, frame: int) -> int:
-        return int(frame * self.samples_per_frame + Fraction(1, 2))
 
     def add(self, frames: Optional[torch.Tensor], audio: Optional[torch.Tensor]) -> None:
         self.video.add(frames)
@@ -186,7 +183,7 @@ class AVStreamer:
         self.plan, self.writer, self.batch_index = plan, writer, batch_index
         self.video = StreamingDecoder(plan.decoders.video)
         self.audio = StreamingDecoder(plan.decoders.audio)
-        self.aligner = AVAligner(plan.time.fps, plan.time.audio_sample_rate)
+        self.aligner = AVAligner(plan.time)
 
     def _pick(self, x: torch.Tensor) -> torch.Tensor:
         return x[self.batch_index:self.batch_index + 1]

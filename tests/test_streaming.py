@@ -11,7 +11,7 @@ from harness.av import RecordingWriter, reach_decoders
 from omniforcing_core.config import TINY
 from omniforcing_core.decode import TemporalContext, audio_decoder, probe_reach, video_decoder
 from omniforcing_core.embedded import random_model, toy_text
-from omniforcing_core.layout import DEFAULT_TIME, make_clip, make_layout
+from omniforcing_core.layout import DEFAULT_TIME, TimeBase, make_clip, make_layout
 from omniforcing_core.live import LiveWriter, read_playlist
 from omniforcing_core.media import probe_media
 from omniforcing_core.modality import AV
@@ -89,7 +89,7 @@ def test_presets_cap_the_reach_and_crossfade_audio_seams():
 
 
 def test_aligner_releases_equal_spans_of_time():
-    al = AVAligner(24, 24000)
+    al = AVAligner(TimeBase(fps=24, audio_sample_rate=24000))
     al.add(torch.zeros(25, 2, 2, 3), torch.zeros(2, 10500))  # audio is behind: 10 whole frames
     f, a, f0, s0 = al.take()
     assert (f.shape[0], a.shape[-1], f0, s0) == (10, 10000, 0, 0)
@@ -102,7 +102,7 @@ def test_aligner_releases_equal_spans_of_time():
 
 
 def test_aligner_rounds_at_fractional_rates():
-    al = AVAligner(24000 / 1001, 44100)  # 1839.3375 samples per frame
+    al = AVAligner(TimeBase(fps=24000 / 1001, audio_sample_rate=44100))  # 1839.3375 samples per frame
     al.add(torch.zeros(10, 1, 1, 3), torch.zeros(1, 5000))
     f, a, _, _ = al.take()
     assert f.shape[0] == 2 and a.shape[-1] == al.sample_at(2) == 3679
