@@ -26,12 +26,11 @@ EVENT = "omniforcing.stream"  # websocket event the page's player listens to (no
 _reach: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # VAE model -> measured TemporalContext
 
 
-def vae_decoders(vae, audio_vae) -> tuple[AV[Decoder], TimeBase]:
-    """ComfyUI's LTX-2 VAEs as streaming decoders (reach probed once per VAE model) and the stream's time base."""
-    time = stream_time(int(audio_vae.audio_sample_rate_output))
+def vae_decoders(vae, audio_vae, time: TimeBase) -> AV[Decoder]:
+    """ComfyUI's LTX-2 VAEs as streaming decoders (reach probed once per VAE model)."""
     video = video_decoder(lambda z: vae.decode(z), None, time)  # [B, frames, H, W, 3] in [0, 1]
     audio = audio_decoder(lambda z: audio_vae.decode(z).movedim(-1, 1), None, time)  # ComfyUI: [B, samples, C]
-    return AV(_with_reach(vae, video, "video", time), _with_reach(audio_vae, audio, "audio", time)), time
+    return AV(_with_reach(vae, video, "video", time), _with_reach(audio_vae, audio, "audio", time))
 
 
 def _with_reach(vae, decoder: Decoder, kind: str, time: TimeBase) -> Decoder:
@@ -114,9 +113,10 @@ class OmniForcingStream(io.ComfyNode):
         check_audio_vae(audio_vae)
         rp = plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative,
                       video_cfg, audio_cfg, rebase_rope)
-        writer, subfolder, base = _open_writer(filename_prefix, width, height, audio_vae)  # bad paths fail first
+        time = stream_time(int(audio_vae.audio_sample_rate_output))  # the audio VAE's rate sets the clock
+        writer, subfolder, base = _open_writer(filename_prefix, width, height, time)  # bad paths fail first
         try:
-            plan = decode_plan(decode, *vae_decoders(vae, audio_vae))
+            plan = decode_plan(decode, vae_decoders(vae, audio_vae, time), time)
             first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
             sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
         except BaseException:
@@ -127,10 +127,9 @@ class OmniForcingStream(io.ComfyNode):
         return _outputs(run, writer.summary(), events, keep_frames)
 
 
-def _open_writer(prefix: str, width: int, height: int, audio_vae) -> tuple[LiveWriter, str, str]:
+def _open_writer(prefix: str, width: int, height: int, time: TimeBase) -> tuple[LiveWriter, str, str]:
     """The live writer in the output folder, made (and its paths checked) before any model is loaded."""
     folder, base, subfolder = output_paths(prefix, width, height)
-    time = stream_time(int(audio_vae.audio_sample_rate_output))
     writer = LiveWriter(folder, time.fps, time.audio_sample_rate, width, height, name=f"{base}.mp4",
                         hls_dirname=f"{base}_hls")
     return writer, subfolder, base
