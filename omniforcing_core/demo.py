@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import whole_number
+from .streaming import MODES
 
 
 def seconds_arg(text: str) -> float:
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     d.add_argument("--width", type=int, default=None, help="pixels, a multiple of 32 (default: what the model was trained at)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--window", type=int, default=0, help="rolling KV window in blocks (0 = keep all)")
-    d.add_argument("--decode", default="exact", choices=("exact", "balanced", "fast"),
+    d.add_argument("--decode", default="exact", choices=MODES,
                    help="exact: the stream equals a whole-clip decode; balanced/fast: shorter look-ahead")
     d.add_argument("--random", action="store_true", help="use the random tiny model, not the trained toy student")
     d.add_argument("--assets", default=None, help="a folder of exported toy assets (default: the shipped ones; "
