@@ -31,7 +31,8 @@ def activation_bytes(model, clip: Clip, cache: StreamCache) -> int:
     nv = max(b0.video_len, b1.video_len) * h * w
     na = max(b0.audio_tokens, b1.audio_tokens)
     keys_v = cache.valid_len_after(clip.num_blocks, "video_self")
-    return cache.batch * cache.itemsize * (16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v)
+    per_item = 16 * (nv * cfg.video_dim + na * cfg.audio_dim) + cfg.video_heads * nv * keys_v
+    return cache.batch * cache.itemsize * per_item
 
 
 def stream_bytes(model, clip: Clip, policy: CachePolicy, batch: int, dtype: torch.dtype) -> int:

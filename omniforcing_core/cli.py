@@ -136,7 +136,9 @@ def main(argv=None) -> int:
     _demo.add_parser(sub)
     _bench.add_parser(sub)
     args = p.parse_args(argv)
+    from .budget import ResourceError
     from .media import MediaError
+    from .sampling import NonFiniteError
 
     restore = _sigterm_as_interrupt()
     started = time.monotonic()
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         where = f"; the files in {out} are closed and playable" if out else ""
         print(f"stopped by {name} after {time.monotonic() - started:.1f} s{where}", file=sys.stderr)
         return code
-    except MediaError as e:
+    except (MediaError, ResourceError, NonFiniteError) as e:  # the run itself could not go on
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:

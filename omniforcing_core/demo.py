@@ -71,8 +71,9 @@ def run(args) -> int:
     clip = make_clip(d.layout, height, width, seconds=args.seconds, seed=args.seed)
     t = clip.layout.time
     plan = decode_plan(args.decode, d.decoders(t), t)
-    writer = LiveWriter(out, t.fps, t.audio_sample_rate, width, height, hls_window=args.hls_window)
+    # the sampler first: its memory pre-flight fails before the writer touches the output folder
     sampler = Sampler(d.model, clip, d.text(args.prompt), policy=CachePolicy(window=args.window or None))
+    writer = LiveWriter(out, t.fps, t.audio_sample_rate, width, height, hls_window=args.hls_window)
     print(f"streaming {clip.seconds:.0f} s of {width}x{height} audio+video ({clip.num_blocks} blocks, "
           f"embedded {d.description}, {args.decode} decode) into {out}/  prompt: '{args.prompt}'")
 

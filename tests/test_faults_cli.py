@@ -41,3 +41,14 @@ def test_demo_still_runs_after_the_checks(tmp_path, capsys):
     assert main(["demo", "--random", "--seconds", "3", "--hls-window", "2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "omniforcing.mp4").stat().st_size > 0
     assert len(read_playlist(tmp_path / "hls" / "index.m3u8").segments) == 2
+
+
+def test_a_stream_that_cannot_fit_is_one_message_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    """The memory pre-flight (and a NaN block) end the command with one line, exit 1, no traceback."""
+    from omniforcing_core import budget
+    monkeypatch.setattr(budget, "available_bytes", lambda device: budget.HEADROOM)
+    out = tmp_path / "out"
+    assert main(["demo", "--random", "--seconds", "3", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "rolling window" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.rglob("*"))  # the output folder was never touched
