@@ -71,8 +71,9 @@ def predict_x0(velocity: Velocity, x: AV, sigma: AV, cfg: Optional[AV] = None,
     if cfg is not None:
         x, sigma = x.map(twice), sigma.map(twice)
     v = velocity(x, sigma)
-    x0 = AV(x0_from_velocity(x.video, v.video, sigma.video, dtype), x0_from_velocity(x.audio, v.audio, sigma.audio, dtype))
+    x0 = AV(*(x0_from_velocity(xi, vi, si, dtype) for xi, vi, si in zip(x, v, sigma)))
     return x0 if cfg is None else x0.zip(cfg, guide)
 
 
-__all__ = ["expand_sigma", "frame_sigmas", "noisy", "x0_from_velocity", "euler_step", "twice", "guide", "predict_x0", "Velocity"]
+__all__ = ["expand_sigma", "frame_sigmas", "noisy", "x0_from_velocity", "euler_step", "twice", "guide", "predict_x0",
+           "Velocity"]

@@ -334,5 +334,5 @@ def generate_reference(model: OmniForcingTransformer, clip: Clip, prompts: Promp
                     runtime=runtime, **kw)
 
 
-__all__ = ["NonFiniteError", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream", "generate",
-           "generate_reference"]
+__all__ = ["NonFiniteError", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream",
+           "generate", "generate_reference"]
