@@ -23,6 +23,7 @@ from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_video_vae, 
 from .conditioning import context_from_conditioning, plan_from_input
 
 STEPS_DEFAULT = ",".join(str(s) for s in RELEASED_STEPS)
+MAX_SIDE = 4096  # widget maximum of width and height
 
 
 # -- inputs shared by the sampler and the stream node -------------------------------------------------
@@ -34,9 +35,9 @@ def core_inputs(seconds_default: int = 5, window_default: int = 0, seconds_max: 
         io.MultiType.Input(io.Conditioning.Input("positive", tooltip=(
             "What to generate: a CONDITIONING from CLIP Text Encode on the LTX-2 text encoder, or an OmniForcing "
             "prompt schedule (prompts that change over time).")), types=[Prompts]),
-        io.Int.Input("width", default=768, min=32, max=4096, step=32,
+        io.Int.Input("width", default=768, min=32, max=MAX_SIDE, step=32,
                      tooltip="Frame width in pixels; a multiple of 32."),
-        io.Int.Input("height", default=512, min=32, max=4096, step=32,
+        io.Int.Input("height", default=512, min=32, max=MAX_SIDE, step=32,
                      tooltip="Frame height in pixels; a multiple of 32."),
         io.Int.Input("seconds", default=seconds_default, min=1, max=seconds_max,
                      tooltip="Length in whole seconds (one block per second; 24 fps video, 24 kHz audio). "
@@ -72,20 +73,29 @@ def guidance_inputs() -> list:
     ]
 
 
-def validate_core(width=None, height=None, seconds=None, steps=None, window=None):
-    """Node-level checks that need no model (linked values arrive as None and are checked at run time)."""
-    try:
-        if isinstance(steps, str):
+def validate_core(width=None, height=None, steps=None):
+    """Queue-time checks that need no model, every bad value at once with its nearest valid one.
+
+    Only inputs with a rule ComfyUI cannot state are checked here: ComfyUI attaches this result to
+    every input named in `validate_inputs` and skips their min/max checks, so seconds and window stay
+    out and keep ComfyUI's own per-input range errors. Linked values arrive as None (checked at run time)."""
+    problems = []
+    size = {k: v for k, v in (("width", width), ("height", height)) if isinstance(v, int)}
+    for name, v in size.items():
+        if v > MAX_SIDE:
+            problems.append(f"{name}={v} is above {MAX_SIDE}; nearest valid {name} is {MAX_SIDE}")
+    time = make_layout("v2").time
+    fine = {k: v for k, v in size.items() if v <= MAX_SIDE}
+    try:  # a missing or too large side stands in as one stride, so each side is judged on its own
+        time.latent_grid(fine.get("height", time.spatial_stride), fine.get("width", time.spatial_stride))
+    except LayoutError as e:
+        problems.append(str(e))
+    if isinstance(steps, str):
+        try:
             make_schedule(parse_steps(steps))
-        if isinstance(width, int) and isinstance(height, int) and isinstance(seconds, int):
-            make_clip(make_layout("v2"), height, width, seconds=seconds)
-    except ValueError as e:
-        return str(e)
-    if isinstance(seconds, int) and seconds < 1:
-        return f"seconds={seconds}: generate at least 1 second"
-    if isinstance(window, int) and window < 0:
-        return f"window={window}: use 0 (keep all) or a number of blocks >= 1"
-    return True
+        except ValueError as e:
+            problems.append(str(e))
+    return "; ".join(problems) if problems else True
 
 
 # -- run setup ---------------------------------------------------------------------------------------
@@ -199,8 +209,8 @@ class OmniForcingSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, seconds=None, steps=None, window=None):
-        return validate_core(width, height, seconds, steps, window)
+    def validate_inputs(cls, width=None, height=None, steps=None):
+        return validate_core(width, height, steps)
 
     @classmethod
     def execute(cls, model, positive, width, height, seconds, seed, steps, window, layout, negative=None,

@@ -102,8 +102,8 @@ class OmniForcingStream(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, seconds=None, steps=None, window=None):
-        return validate_core(width, height, seconds, steps, window)
+    def validate_inputs(cls, width=None, height=None, steps=None):
+        return validate_core(width, height, steps)
 
     @classmethod
     def execute(cls, model, positive, width, height, seconds, seed, steps, window, layout, vae, audio_vae,
@@ -123,8 +123,8 @@ class OmniForcingStream(io.ComfyNode):
             writer.close()  # nothing was written: the new names are removed, earlier files stay
             raise
         events = _Events(cls.hidden.unique_id, subfolder, base, rp.clip.num_blocks)
-        run = _stream(sampler, plan, writer, events, progress, keep_frames)
-        return _outputs(run, writer.summary(), events, keep_frames)
+        run, cancelled = _stream(sampler, plan, writer, events, progress, keep_frames)
+        return _outputs(run, writer.summary(), events, keep_frames, cancelled, rp.clip.seconds)
 
 
 def _open_writer(prefix: str, width: int, height: int, time: TimeBase) -> tuple[LiveWriter, str, str]:
@@ -135,9 +135,47 @@ def _open_writer(prefix: str, width: int, height: int, time: TimeBase) -> tuple[
     return writer, subfolder, base
 
 
+class _Cancel:
+    """Whether the user cancelled: a cancel ends the stream early instead of failing the run."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def blocks(self, sampler):
+        """The sampler's blocks until ComfyUI's interrupt (checked by the sampler between steps, or by the
+        progress bar's hook), which ends the iteration: run_stream then decodes and closes as at the end."""
+        import comfy.model_management as mm
+
+        it = iter(sampler)
+        while not self.cancelled:
+            try:
+                res = next(it)
+            except StopIteration:
+                return
+            except (InterruptedError, mm.InterruptProcessingException):
+                self.cancelled = True
+                break
+            yield res
+        it.close()  # the sampler stops now; the flag is cleared so the rest of the graph runs on what was kept
+        mm.interrupt_current_processing(False)
+
+    def guard(self, fn):
+        """fn, with ComfyUI's interrupt (raised by the progress bar) turned into a cancel."""
+        import comfy.model_management as mm
+
+        def call(*args):
+            try:
+                fn(*args)
+            except mm.InterruptProcessingException:
+                self.cancelled = True
+        return call
+
+
 def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep_frames: bool):
-    """run_stream with the page player's events and the progress bar; a cancel becomes ComfyUI's interrupt."""
+    """run_stream with the page player's events and the progress bar. A cancel keeps what was made: the
+    run ends early and returns it (labelled cancelled); only a cancel before the first frame is an interrupt."""
     events.send("start", seconds=0.0)
+    cancel = _Cancel()
 
     def on_block(res, chunk):
         frame = chunk.frames[-1] if chunk.frames is not None else None
@@ -148,23 +186,24 @@ def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep
 
     try:
         with torch.inference_mode():
-            run = run_stream(iter(sampler), plan, writer, keep_video=keep_frames, on_block=on_block)
+            run = run_stream(cancel.blocks(sampler), plan, writer, keep_video=keep_frames,
+                             on_block=cancel.guard(on_block))
     except BaseException as e:
-        cancelled = isinstance(e, (InterruptedError, KeyboardInterrupt)) or \
-            type(e).__name__ == "InterruptProcessingException"
-        events.send("cancelled" if cancelled else "error", seconds=writer.summary().video_seconds, error=str(e)[:200])
-        if isinstance(e, InterruptedError):
-            raise_interrupt()
+        events.send("error", seconds=writer.summary().video_seconds, error=str(e)[:200])
         raise
     summary = writer.summary()
-    events.send("done", seconds=summary.video_seconds)
-    log.info("stream: %d blocks, %d frames, %.2f s audio -> %s", run.blocks, summary.video_frames,
-             summary.audio_seconds, summary.paths.mp4)
-    return run
+    if cancel.cancelled and run.num_frames == 0:
+        events.send("cancelled", seconds=0.0)
+        raise_interrupt()  # nothing to show: the run is ComfyUI's ordinary interrupt
+    events.send("cancelled" if cancel.cancelled else "done", seconds=summary.video_seconds)
+    log.info("stream%s: %d blocks, %d frames, %.2f s audio -> %s", " (cancelled)" if cancel.cancelled else "",
+             run.blocks, summary.video_frames, summary.audio_seconds, summary.paths.mp4)
+    return run, cancel.cancelled
 
 
-def _outputs(run, summary, events: "_Events", keep_frames: bool) -> io.NodeOutput:
-    """IMAGE, AUDIO, VIDEO and the UI entry (the saved MP4 and the live player's final state)."""
+def _outputs(run, summary, events: "_Events", keep_frames: bool, cancelled: bool, asked_s: float) -> io.NodeOutput:
+    """IMAGE, AUDIO, VIDEO and the UI entry: the saved MP4 (also after a cancel, labelled with the seconds
+    kept, so history, the queue panel and Assets list it) and the live player's final state."""
     wave = run.audio()
     audio = {"waveform": (wave if wave is not None else torch.zeros(2, 0))[None].contiguous(),
              "sample_rate": run.sample_rate}
@@ -176,6 +215,10 @@ def _outputs(run, summary, events: "_Events", keep_frames: bool) -> io.NodeOutpu
         images = run.last_frame[None]
         video = InputImpl.VideoFromFile(str(summary.paths.mp4))
     saved = ui.SavedResult(summary.paths.mp4.name, events.subfolder, io.FolderType.output)
-    ui_out = {**ui.PreviewVideo([saved]).as_dict(),
-              "omniforcing_stream": [{**events.base, "status": "done", "seconds": summary.video_seconds}]}
+    status = "cancelled" if cancelled else "done"
+    label = (f"cancelled: kept {summary.video_seconds:.1f} s of {asked_s:g} s" if cancelled
+             else f"done: {summary.video_seconds:.1f} s")
+    ui_out = {**ui.PreviewVideo([saved]).as_dict(), "text": [f"{label} - {summary.paths.mp4.name}"],
+              "omniforcing_stream": [{**events.base, "status": status, "seconds": summary.video_seconds,
+                                      "label": label}]}
     return io.NodeOutput(images, audio, video, ui=ui_out)

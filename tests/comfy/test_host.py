@@ -278,6 +278,26 @@ def test_impossible_settings_are_node_errors(host, field, value, needle):
     assert needle in rejected(host, g)
 
 
+def test_every_bad_input_is_named_in_one_submission(host):
+    g = t2av()
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    g[sampler]["inputs"].update(width=100, height=5000, seconds=0, window=-1, steps="1000,abc")
+    code, r = host.queue(g)
+    assert code == 400, r
+    errors = r["node_errors"][sampler]["errors"]
+    by_input: dict = {}
+    for e in errors:
+        by_input.setdefault(e["extra_info"]["input_name"], []).append(f'{e["message"]} {e["details"]}')
+    # seconds and window keep ComfyUI's own range check: once each, under their own name, with the bound
+    assert len(by_input["seconds"]) == 1 and "smaller than min of 1" in by_input["seconds"][0]
+    assert len(by_input["window"]) == 1 and "smaller than min of 0" in by_input["window"][0]
+    text = " ".join(m for msgs in by_input.values() for m in msgs)
+    for needle in ("nearest valid width is 96", "nearest valid height is 4096", "comma-separated"):
+        assert needle in text, text
+    # the inputs that are fine are not blamed
+    assert not {"seed", "layout"} & set(by_input), by_input
+
+
 def test_bad_schedule_text_is_a_node_error(host):
     g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=2)
     (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
@@ -341,13 +361,25 @@ def test_interrupt_during_a_stream_keeps_a_playable_file_and_the_server_serves(h
     assert hls is not None, f"no segments appeared\n{host.log_tail()}"
     host.post("/interrupt", {})
     entry = host.wait(r["prompt_id"], timeout=120)
-    assert entry["status"]["status_str"] == "error" and status_messages(entry, "execution_interrupted")
+    # a cancel keeps its work: the run ends early, is not a failure, and lists the kept MP4 in its outputs
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    assert not status_messages(entry, "execution_interrupted")
+    out = entry["outputs"][stream]
     mp4 = hls.parent.parent / hls.parent.name.replace("_hls", ".mp4")
+    listed = [f for k in ("images", "videos", "gifs") for f in out.get(k, [])]
+    assert [(f["filename"], f["subfolder"], f["type"]) for f in listed] == [(mp4.name, "omniforcing", "output")]
     info = probe(mp4)
+    (label,) = out["text"]
+    kept = float(label.split("kept ")[1].split(" s")[0])
+    assert label.startswith("cancelled: kept ") and abs(kept - info.video.frames / 24) < 0.06, label
+    assert out["omniforcing_stream"][0]["status"] == "cancelled"
     pl = read_playlist(hls)
     assert pl.ended, "the playlist must be closed after a cancel"
     assert 3 * 24 <= info.video.frames < 1 + 24 * 30 and info.audio is not None
     assert probe(hls).video.frames == info.video.frames
+    # the view endpoint serves the kept file the page lists (what the queue panel / Assets open)
+    body = host.get(f"/view?filename={mp4.name}&subfolder=omniforcing&type=output")
+    assert body[4:8] == b"ftyp"
     # the server keeps serving
     entry = host.run(t2av(seconds=1))
     assert entry["status"]["status_str"] == "success", error_text(entry)
