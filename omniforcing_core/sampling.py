@@ -9,6 +9,11 @@ model's attention comes from is a `Backend`:
                        approach, and the slow reference the cached path is tested against).
 `stream` yields each finished block; `generate` collects the stream; `generate_reference` runs it
 on the prefix backend.
+
+Conditioned streams (A->V, V->A): with a `Given` modality, each block takes its slice of the user's
+clean latents and holds it at sigma 0 through every step (the way the cache refresh sees a finished
+block), so only the other modality is denoised; the finished block - given latents and generated
+ones - enters the cache as usual.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 from .budget import HEADROOM, check_fits, check_stream, gib
 from .cache import CachePolicy, StreamCache
 from .flow import frame_sigmas, noisy, predict_x0, twice
-from .layout import Block, Clip
+from .layout import Block, BlockLayout, Clip
 from .modality import AV
 from .model import OmniForcingTransformer, Runtime
 from .noise import CONTEXT_STEP, block_noise
@@ -32,6 +37,79 @@ from .text import TextKV
 
 class NonFiniteError(ArithmeticError):
     """A block came out NaN/Inf; the stream stops there (files made so far stay valid)."""
+
+
+class GivenError(ValueError):
+    """A given audio or video that cannot drive the stream asked for (too short, wrong shape); the
+    message says what was given, what was asked and the fix."""
+
+
+MODALITIES = ("video", "audio")
+
+
+@dataclass(frozen=True)
+class Given:
+    """One modality supplied by the user: A->V gives `audio`, V->A gives `video`.
+
+    `latents`: the whole given stream, clean, in the native layout (video [1 or B, 128, F, h, w],
+    audio [1 or B, 8, T, 16]); it may be longer than any training clip. Block k uses latents
+    [start, end) of that modality as the layout splits them; latents past the last block are unused."""
+
+    modality: str
+    latents: torch.Tensor
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise GivenError(f"given modality '{self.modality}' is not one of {', '.join(MODALITIES)}")
+        dims = 5 if self.modality == "video" else 4
+        if self.latents.dim() != dims:
+            want = "[B, 128, F, H/32, W/32]" if self.modality == "video" else "[B, 8, T, 16]"
+            raise GivenError(f"given {self.modality} latents must be {want}, got shape {tuple(self.latents.shape)}; "
+                             f"encode the {self.modality} with the model's {self.modality} VAE")
+
+    @property
+    def generated(self) -> str:
+        """The modality the sampler denoises."""
+        return "audio" if self.modality == "video" else "video"
+
+    def num_blocks(self, layout: BlockLayout) -> int:
+        """Whole blocks the given latents cover (the block holding latent index `length` is the first
+        one not complete)."""
+        n = self.latents.shape[2]
+        return layout.video_block_of(n) if self.modality == "video" else layout.audio_block_of(n)
+
+    def seconds(self, layout: BlockLayout) -> float:
+        n = self.num_blocks(layout)
+        return layout.seconds_for_blocks(n) if n else 0.0
+
+    def check(self, clip: Clip) -> None:
+        """Shape and length against the clip, or a GivenError naming the fix."""
+        block0 = clip.layout.block(0)
+        exp = clip.video_shape(block0) if self.modality == "video" else clip.audio_shape(block0)
+        got = tuple(self.latents.shape)
+        if got[0] not in (1, clip.batch) or got[1] != exp[1] or got[3:] != exp[3:]:
+            want = f"[1 or {clip.batch}, {exp[1]}, frames, {', '.join(map(str, exp[3:]))}]"
+            size = f" at {clip.width}x{clip.height}" if self.modality == "video" else ""
+            raise GivenError(f"given {self.modality} latents have shape {got}, the clip needs {want}; "
+                             f"encode the {self.modality}{size} with the model's {self.modality} VAE")
+        need = clip.num_blocks or 1
+        have = self.num_blocks(clip.layout)
+        if have < need:
+            n_lat = clip.layout.latents_for_blocks(need)[0 if self.modality == "video" else 1]
+            asked = clip.layout.seconds_for_blocks(need)
+            fix = (f"ask for at most {self.seconds(clip.layout):g} s" if have else
+                   f"give at least {clip.layout.seconds_for_blocks(1):g} s")
+            raise GivenError(
+                f"the given {self.modality} covers {self.seconds(clip.layout):g} s ({got[2]} latents = {have} whole "
+                f"blocks) but {asked:g} s ({need} blocks, {n_lat} latents) were asked: {fix}, or give a longer "
+                f"{self.modality}")
+
+    def block(self, block: Block, batch: int, device, dtype) -> torch.Tensor:
+        """This block's clean latents, batch-expanded, on the sampler's device and dtype."""
+        s, e = (block.video_start, block.video_end) if self.modality == "video" else (block.audio_start,
+                                                                                      block.audio_end)
+        x = self.latents[:, :, s:e].to(device=device, dtype=dtype)
+        return x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
 
 
 @dataclass(frozen=True)
@@ -178,12 +256,14 @@ class Sampler:
 
     `backend`: None runs against a KV cache with `policy`; pass a `PrefixBackend` for the reference.
     `should_stop()` is asked after every step (a host's cancel); `on_step(block, step, steps)` drives
-    progress bars. `first_frame` ([B, 128, 1, h, w]) is held clean at sigma 0 (image -> A/V)."""
+    progress bars. `first_frame` ([B, 128, 1, h, w]) is held clean at sigma 0 (image -> A/V).
+    `given` (a `Given`): one modality held clean at sigma 0 in every block (audio -> video, video ->
+    audio); an open-ended clip then ends where the given stream does."""
 
     def __init__(self, model: OmniForcingTransformer, clip: Clip, prompts: Prompts, *,
                  schedule: Optional[Schedule] = None, policy: CachePolicy = CachePolicy(),
                  guidance: Optional[Guidance] = None, first_frame: Optional[torch.Tensor] = None,
-                 backend: Optional[Backend] = None, runtime: Runtime = Runtime(),
+                 given: Optional[Given] = None, backend: Optional[Backend] = None, runtime: Runtime = Runtime(),
                  should_stop: Optional[Callable[[], bool]] = None,
                  on_step: Optional[Callable[[Block, int, int], None]] = None):
         model.check_layout(clip.layout)
@@ -198,6 +278,11 @@ class Sampler:
                 raise ValueError(f"first_frame must be one latent frame of shape {(exp[0], exp[1], 1, *exp[3:])}, "
                                  f"got {tuple(first_frame.shape)} (encode the image at {clip.width}x{clip.height})")
         self.first_frame = first_frame
+        if given is not None:
+            if first_frame is not None and given.modality == "video":
+                raise GivenError("a first frame and a given video both fix the video: give one of them")
+            given.check(clip)
+        self.given = given
         self.backend: Backend = backend or CachedBackend(model, clip, policy, clip.batch * (2 if guidance else 1),
                                                          runtime)
         self.should_stop, self.on_step = should_stop, on_step
@@ -225,28 +310,37 @@ class Sampler:
                   block_noise(c.seed, block.index, "audio", step, c.audio_shape(block), dev, dt))
 
     def sigmas(self, block: Block, sigma: float) -> AV:
-        """Per-frame video sigmas (0 for a given first frame) and per-sample audio sigmas."""
+        """Per-frame video sigmas (0 for a given first frame) and per-sample audio sigmas; 0 for a given
+        modality."""
         b, dev = self.clip.batch, self.model.device
         video = torch.full((b, block.video_len), float(sigma), device=dev)
         if self.first_frame is not None and block.index == 0:
             video[:, 0] = 0.0
-        return AV(video, torch.full((b,), float(sigma), device=dev))
+        audio = torch.full((b,), float(sigma), device=dev)
+        if self.given is not None:
+            (video if self.given.modality == "video" else audio).zero_()
+        return AV(video, audio)
 
-    def _hold_first_frame(self, block: Block, x: AV) -> AV:
-        if self.first_frame is None or block.index:
-            return x
-        fixed = self.first_frame.to(x.video.device, x.video.dtype)
-        return AV(torch.cat([fixed, x.video[:, :, 1:]], 2), x.audio)
+    def hold_given(self, block: Block, x: AV) -> AV:
+        """`x` with the clean latents that are given in place: the first frame, a given modality."""
+        if self.first_frame is not None and block.index == 0:
+            fixed = self.first_frame.to(x.video.device, x.video.dtype)
+            x = AV(torch.cat([fixed, x.video[:, :, 1:]], 2), x.audio)
+        if self.given is not None:
+            t = getattr(x, self.given.modality)
+            clean = self.given.block(block, t.shape[0], t.device, t.dtype)
+            x = AV(clean, x.audio) if self.given.modality == "video" else AV(x.video, clean)
+        return x
 
     def predict(self, block: Block, x: AV, sigma: float, text: TextKV) -> AV:
         """x0 of the block at noise level sigma (CFG when guided)."""
-        x = self._hold_first_frame(block, x)
+        x = self.hold_given(block, x)
 
         def velocity(xx: AV, ss: AV) -> AV:
             return self.backend.velocity(xx, ss, text)
         x0 = predict_x0(velocity, x, self.sigmas(block, sigma), self.guidance.scale if self.guidance else None,
                         self.work_dtype)
-        return self._hold_first_frame(block, x0)
+        return self.hold_given(block, x0)
 
     def renoise(self, block: Block, x0: AV, step: int, sigma: float) -> AV:
         return x0.zip(self.noise(block, step), lambda x, n: noisy(x, n, sigma))
@@ -301,8 +395,14 @@ class Sampler:
                 f"in another dtype (computing in {str(dt).replace('torch.', '')}; fp16 overflows easily: use bf16 or "
                 f"fp32)")
 
+    def blocks(self) -> Iterator[Block]:
+        """The clip's blocks; an open-ended clip with a given modality ends with the given stream."""
+        if self.clip.num_blocks is None and self.given is not None:
+            return self.clip.layout.iter_blocks(self.given.num_blocks(self.clip.layout))
+        return self.clip.blocks()
+
     def __iter__(self) -> Iterator[BlockResult]:
-        for block in self.clip.blocks():
+        for block in self.blocks():
             yield self.run_block(block)
 
     def cache_bytes(self) -> int:
@@ -334,5 +434,5 @@ def generate_reference(model: OmniForcingTransformer, clip: Clip, prompts: Promp
                     runtime=runtime, **kw)
 
 
-__all__ = ["NonFiniteError", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream",
+__all__ = ["NonFiniteError", "GivenError", "MODALITIES", "Given", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream",
            "generate", "generate_reference"]
