@@ -434,5 +434,5 @@ def generate_reference(model: OmniForcingTransformer, clip: Clip, prompts: Promp
                     runtime=runtime, **kw)
 
 
-__all__ = ["NonFiniteError", "GivenError", "MODALITIES", "Given", "Guidance", "BlockResult", "Backend", "CachedBackend", "PrefixBackend", "Sampler", "stream",
-           "generate", "generate_reference"]
+__all__ = ["NonFiniteError", "GivenError", "MODALITIES", "Given", "Guidance", "BlockResult", "Backend", "CachedBackend",
+           "PrefixBackend", "Sampler", "stream", "generate", "generate_reference"]

@@ -8,6 +8,9 @@
   spans of time: frames [f0, f1) with audio samples [s(f0), s(f1)), s(f) = round(f * rate / fps).
   Whichever modality is decoded ahead waits in a buffer for the other; `finish()` flushes both
   decoders and writes everything left, so audio and video end together.
+* `GivenMedia`: in a conditioned stream (A->V, V->A) the output carries the user's own audio or
+  video, not a decode of its latents: it stands in for that modality's decoder and hands out, after
+  each block, the original samples / frames up to where the decoder's output would end.
 * `run_stream`: the loop. Whatever stops it (the end, an error, a host's cancel), what was generated
   is decoded and written and the files are closed valid before it re-raises; it measures the time to
   the first chunk on disk.
@@ -21,10 +24,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .decode import Decoder, ProbedReach, StreamingDecoder, TemporalContext, probe_reach
+from .decode import DecodedChunk, Decoder, ProbedReach, StreamingDecoder, TemporalContext, probe_reach
 from .layout import DEFAULT_TIME, TimeBase
 from .modality import AV
-from .sampling import BlockResult
+from .sampling import MODALITIES, BlockResult, GivenError
 
 MODES = ("exact", "balanced", "fast")
 
@@ -173,16 +176,84 @@ class AVAligner:
         return self.video.take(f1 - f0), self.audio.take(self.sample_at(f1) - s0), f0, s0
 
 
+@dataclass(frozen=True)
+class GivenMedia:
+    """The user's own audio or video of a conditioned stream, on the stream's time base: video frames
+    [N, H, W, 3] in [0, 1] at the stream's fps (frame i shown at i / fps, the stream's frame size) or
+    audio [C, S] at the stream's sample rate (sample s at s / rate). Shorter than the stream: the
+    last frame is held / silence follows; longer: the rest is not written."""
+
+    modality: str
+    data: torch.Tensor
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise GivenError(f"given media modality '{self.modality}' is not one of {', '.join(MODALITIES)}")
+        want = 4 if self.modality == "video" else 2
+        if self.data.dim() != want or (self.modality == "video" and self.data.shape[-1] != 3):
+            shape = "[N, H, W, 3]" if self.modality == "video" else "[C, S]"
+            raise GivenError(f"given {self.modality} must be {shape}, got shape {tuple(self.data.shape)}")
+        if self.data.shape[0 if self.modality == "video" else 1] == 0:
+            raise GivenError(f"the given {self.modality} is empty")
+
+    @property
+    def axis(self) -> int:
+        return 0 if self.modality == "video" else -1
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """Frames / samples [start, end), held or silent past the end of the data."""
+        n = self.data.shape[self.axis]
+        have = self.data.narrow(self.axis, min(start, n), max(0, min(end, n) - start))
+        missing = end - start - have.shape[self.axis]
+        if missing <= 0:
+            return have
+        if self.modality == "video":
+            pad = self.data[-1:].expand(missing, *self.data.shape[1:])
+        else:
+            pad = self.data.new_zeros(self.data.shape[0], missing)
+        return torch.cat([have, pad], self.axis)
+
+
+class _GivenSource:
+    """Stands in for the given modality's `StreamingDecoder`: after each block, the original media up to
+    where the decoder's output for the latents so far would end (no decode, no look-ahead)."""
+
+    def __init__(self, decoder: Decoder, media: GivenMedia):
+        self.decoder, self.media = decoder, media
+        self._latents = self._out = 0
+
+    def push(self, latents: torch.Tensor) -> Optional[DecodedChunk]:
+        self._latents += latents.shape[self.decoder.latent_axis]
+        end = self.decoder.output_length(self._latents)
+        if end <= self._out:
+            return None
+        chunk = DecodedChunk(self.media.span(self._out, end)[None], self._out, end)
+        self._out = end
+        return chunk
+
+    def flush(self) -> Optional[DecodedChunk]:
+        return None  # everything was handed out at push time
+
+
 class AVStreamer:
     """Each `BlockResult` -> both streaming decoders -> aligned frames + audio -> the writer (if any).
 
     Decoders follow ComfyUI's layout (see `decode.video_decoder` / `audio_decoder`); batch item
-    `batch_index` is decoded. `finish()` flushes the decoders, writes the rest and closes the writer."""
+    `batch_index` is decoded. `given` (a `GivenMedia`): that modality is the user's original media,
+    not decoded. `finish()` flushes the decoders, writes the rest and closes the writer."""
 
-    def __init__(self, plan: DecodePlan, writer=None, batch_index: int = 0):
+    def __init__(self, plan: DecodePlan, writer=None, batch_index: int = 0, given: Optional[GivenMedia] = None):
         self.plan, self.writer, self.batch_index = plan, writer, batch_index
-        self.video = StreamingDecoder(plan.decoders.video)
-        self.audio = StreamingDecoder(plan.decoders.audio)
+        channels = getattr(writer, "channels", None)
+        if given is not None and given.modality == "audio" and channels and given.data.shape[0] != channels:
+            if given.data.shape[0] != 1:
+                raise GivenError(f"the given audio has {given.data.shape[0]} channels, the output {channels}: "
+                                 f"give mono or {channels}-channel audio")
+            given = GivenMedia("audio", given.data.expand(channels, -1))
+        self.video = (_GivenSource(plan.decoders.video, given) if given is not None and given.modality == "video"
+                      else StreamingDecoder(plan.decoders.video))
+        self.audio = (_GivenSource(plan.decoders.audio, given) if given is not None and given.modality == "audio"
+                      else StreamingDecoder(plan.decoders.audio))
         self.aligner = AVAligner(plan.time)
 
     def _pick(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,14 +328,15 @@ class StreamRun:
 
 def run_stream(blocks: Iterable[BlockResult], plan: DecodePlan, writer=None, *, keep_video: bool = True,
                keep_audio: bool = True, on_block: Optional[Callable[[BlockResult, AVChunk], None]] = None,
-               batch_index: int = 0) -> StreamRun:
+               batch_index: int = 0, given: Optional[GivenMedia] = None) -> StreamRun:
     """Decode every block of `blocks` with `plan` and write it (if a writer is given), then close the writer.
+    `given`: a conditioned stream's original audio or video, written in place of that modality's decode.
 
     on_block(block_result, chunk) runs after each block (progress, previews, UI events). Any exception
     stops generation; the blocks made so far are still decoded and written and the files closed, then
     the exception propagates (so a host's cancel keeps valid, playable files)."""
     started = _time.perf_counter()
-    streamer = AVStreamer(plan, writer, batch_index)
+    streamer = AVStreamer(plan, writer, batch_index, given)
     run = StreamRun(plan.time.fps, plan.time.audio_sample_rate)
     try:
         for res in blocks:
@@ -293,4 +365,5 @@ def run_stream(blocks: Iterable[BlockResult], plan: DecodePlan, writer=None, *, 
 
 
 __all__ = ["MODES", "Preset", "PRESETS", "PROBE_LATENTS_PER_SIDE", "stream_time", "DecodePlan", "decode_plan",
-           "probe_latents", "measure_reach", "AVChunk", "AVAligner", "AVStreamer", "StreamRun", "run_stream"]
+           "probe_latents", "measure_reach", "AVChunk", "AVAligner", "GivenMedia", "AVStreamer", "StreamRun",
+           "run_stream"]

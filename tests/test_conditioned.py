@@ -176,3 +176,89 @@ def test_shorter_or_misshapen_given_input_is_a_clear_error(setup):
     with pytest.raises(GivenError, match="not one of video, audio"):
         Given("text", torch.zeros(1, 8, 26, 16))
     Sampler(model, clip, text, given=Given("audio", given_latents("audio", clip)))  # exactly enough is fine
+
+
+# -- the output carries the user's own media ------------------------------------------------------------
+
+class _Writer:
+    """Records what the streamer hands a writer (stereo, like the live writer)."""
+
+    channels = 2
+
+    def __init__(self):
+        self.frames, self.audio, self.closed = [], [], False
+
+    def write(self, frames, audio):
+        self.frames.append(torch.as_tensor(frames))
+        self.audio.append(torch.as_tensor(audio))
+
+    def write_audio(self, audio):
+        self.audio.append(torch.as_tensor(audio))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    from omniforcing_core.config import TINY
+    from omniforcing_core.embedded import random_model, toy_text
+    m = random_model(TINY)
+    return m, toy_text(m, "a red ball bounces")
+
+
+def _plan():
+    from harness.av import reach_decoders
+    from omniforcing_core.decode import TemporalContext
+    from omniforcing_core.streaming import decode_plan, stream_time
+    t = stream_time(24000)
+    return decode_plan("exact", reach_decoders(TemporalContext(1, 1), TemporalContext(2, 1), t), t)
+
+
+def test_the_stream_writes_the_original_audio_on_the_stream_clock(tiny32):
+    from omniforcing_core.streaming import GivenMedia, run_stream
+    model, text = tiny32
+    clip = make_clip(LAYOUT, 64, 64, seconds=3, seed=3)
+    lat = torch.randn(clip.audio_shape(), generator=torch.Generator().manual_seed(1))
+    wave = 0.1 * torch.randn(1, 3 * 24000, generator=torch.Generator().manual_seed(2))  # mono, exactly 3 s
+    writer, chunks = _Writer(), []
+    run = run_stream(Sampler(model, clip, text, given=Given("audio", lat)), _plan(), writer,
+                     given=GivenMedia("audio", wave), on_block=lambda r, c: chunks.append(c))
+    out = run.audio()
+    n = clip.layout.time.audio.frames_for_latents(clip.audio_latents) * 240  # what the decoder would give: 72240
+    assert out.shape == (2, n) and writer.closed
+    assert torch.equal(out[:, :72000], wave.expand(2, -1)) and not out[:, 72000:].any()  # silence after the end
+    assert torch.equal(torch.cat(writer.audio, -1), out)  # the writer got the very same samples
+    # each chunk's audio starts on its first frame's sample (the aligner's equal spans)
+    t = clip.layout.time
+    assert all(c.first_sample == t.sample_at_frame(c.first_frame) for c in chunks if c.frames is not None)
+    # negative control: without the original the file would carry the decode of the latents
+    plain = run_stream(Sampler(model, clip, text, given=Given("audio", lat)), _plan())
+    assert plain.audio().shape == out.shape and not torch.allclose(plain.audio(), out)
+    assert torch.equal(plain.video(), run.video())  # the video side is untouched
+
+
+def test_the_stream_writes_the_original_frames_and_holds_the_last(tiny32):
+    from omniforcing_core.streaming import GivenMedia, run_stream
+    model, text = tiny32
+    clip = make_clip(LAYOUT, 64, 64, seconds=2, seed=3)
+    lat = torch.randn(clip.video_shape(), generator=torch.Generator().manual_seed(1))
+    frames = torch.rand(48, 64, 64, 3, generator=torch.Generator().manual_seed(2))  # 2 s: the stream shows 49
+    run = run_stream(Sampler(model, clip, text, given=Given("video", lat)), _plan(), given=GivenMedia("video", frames))
+    v = run.video()
+    assert v.shape == (49, 64, 64, 3) and torch.equal(v[:48], frames) and torch.equal(v[48], frames[47])
+    assert run.audio().shape[-1] == t_samples(clip)
+
+
+def t_samples(clip):
+    return clip.layout.time.audio.frames_for_latents(clip.audio_latents) * clip.layout.time.samples_per_mel_frame
+
+
+def test_given_media_errors_name_the_fix():
+    from omniforcing_core.streaming import AVStreamer, GivenMedia
+    with pytest.raises(GivenError, match=r"must be \[N, H, W, 3\]"):
+        GivenMedia("video", torch.zeros(3, 8, 8))
+    with pytest.raises(GivenError, match="empty"):
+        GivenMedia("audio", torch.zeros(2, 0))
+    with pytest.raises(GivenError, match="3 channels, the output 2: give mono or 2-channel audio"):
+        AVStreamer(_plan(), _Writer(), given=GivenMedia("audio", torch.zeros(3, 10)))
