@@ -76,6 +76,75 @@ class VideoCodec(nn.Module):
             x = x.view(b, f, 3, hh * p * self.pool, ww * p * self.pool).transpose(1, 2)
         return x.clamp(0, 1)
 
+    @torch.no_grad()
+    def fit_latents(self, video: torch.Tensor, iters: int = 10, prior: float = 1e-2, pooled: bool = False,
+                    chunk: int = 256) -> torch.Tensor:
+        """[B, 3, F, H, W] in [0, 1] -> the normalised latents whose decode is closest to it (at the
+        codec's pooled size, where the encoder works too; `pooled`: the input is at that size already).
+
+        An encoder for decoders shipped alone (the embedded toy keeps only its decoders). The decoder is
+        one small MLP per latent, so each latent is its own 128-unknown least-squares fit: Levenberg-
+        Marquardt with the Jacobian written out (no autograd: ComfyUI runs nodes in inference mode) and a
+        weak pull towards the latent mean (`prior`; 1e-2 keeps world clips' latents at about unit scale,
+        as the trained encoder's, for 1 % more error). Latent 0 is fitted to the one frame the decoder
+        keeps of it."""
+        target = self._groups(video.float() * 2 - 1, pooled)  # [B, n, hh, ww, d], latent 0 = frame 0 repeated
+        b, n, hh, ww, d = target.shape
+        lin1, lin2 = self.dec[0], self.dec[2]
+        std, mean = self.latent_std.float(), self.latent_mean.float()
+        w1 = lin1.weight.float() * std  # the first layer acting on normalised latents
+        c1 = lin1.weight.float() @ mean + lin1.bias.float()
+        w2, b2 = lin2.weight.float(), lin2.bias.float()
+        keep0 = torch.zeros(3, self.stride, self.patch * self.patch, device=w2.device)
+        keep0[:, -1] = 1  # decode() drops the first stride - 1 frames of latent 0
+        masks = (keep0.flatten(), torch.ones(d, device=w2.device))
+        z = torch.empty(b, n, hh, ww, self.channels, device=w2.device)
+        for first, sl in ((True, slice(0, 1)), (False, slice(1, n))):
+            rows = target[:, sl].reshape(-1, d)
+            if not len(rows):
+                continue
+            out = [_lm_fit(x, masks[0 if first else 1], w1, c1, w2, b2, iters, prior) for x in rows.split(chunk)]
+            z[:, sl] = torch.cat(out).view(b, -1, hh, ww, self.channels)
+        return z.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def _gelu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d/da of the exact (erf) GELU: Phi(a) + a * phi(a)."""
+    return 0.5 * (1 + torch.erf(a / math.sqrt(2))) + a * torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+
+
+def _lm_fit(x, mask, w1, c1, w2, b2, iters: int, prior: float) -> torch.Tensor:
+    """min_z |mask * (W2 gelu(W1 z + c1) + b2 - x)|^2 + prior |z|^2 for each row of x, by Levenberg-
+    Marquardt (a step that does not lower a row's loss is refused and that row's damping raised)."""
+    gram = (w2 * mask[:, None]).T @ w2  # W2^T diag(mask) W2: J^T J needs no [rows, d, 128] Jacobian
+    eye = torch.eye(w1.shape[1], device=w1.device)
+
+    def loss(z):
+        a = z @ w1.T + c1
+        r = (torch.nn.functional.gelu(a) @ w2.T + b2 - x) * mask
+        return a, r, (r * r).sum(1) + prior * (z * z).sum(1)
+
+    z = torch.zeros(x.shape[0], w1.shape[1], device=w1.device)
+    damping = torch.full((x.shape[0], 1, 1), 1.0, device=w1.device)  # cautious first steps: bolder ones (1e-2,
+    # shrinking faster) end in worse minima of this non-convex fit
+    a, r, cur = loss(z)
+    for _ in range(iters):
+        gp = _gelu_grad(a)
+        jw = gp[:, :, None] * w1  # diag(gelu') W1, [rows, hidden, 128]
+        jtj = jw.transpose(1, 2) @ gram @ jw
+        jtr = ((r @ w2) * gp) @ w1 + prior * z
+        h = jtj + prior * eye
+        step = torch.linalg.solve(h + damping * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None] * eye,
+                                  jtr)
+        a_new, r_new, new = loss(z - step)
+        better = new < cur
+        z = torch.where(better[:, None], z - step, z)
+        a = torch.where(better[:, None], a_new, a)
+        r = torch.where(better[:, None], r_new, r)
+        cur = torch.where(better, new, cur)
+        damping = torch.where(better[:, None, None], damping / 2, damping * 4)
+    return z
+
 
 def mel_filterbank(n_fft: int = N_FFT, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE,
                    f_min: float = 0.0, f_max: Optional[float] = None) -> torch.Tensor:
