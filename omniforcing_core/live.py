@@ -501,11 +501,11 @@ class LiveWriter:
     the last N segments (#EXT-X-MEDIA-SEQUENCE advances); a segment's file is deleted one window
     after it left the playlist (a client may still hold the previous playlist). The MP4 keeps all.
 
-    align_av: cut every fragment / HLS segment where its audio ends (within one AAC frame) by keeping back
-    the few frames the AAC encoder has not caught up with; they are written by the next `write()` or by
-    `close()`. Off by default: then every frame is on disk when its `write()` returns and each call makes
-    one segment, but a segment's audio ends 2-4 AAC frames before its video. `BlockWritten` and
-    `summary()` count what is on disk.
+    align_av (default on): cut every fragment / HLS segment where its audio ends (within one AAC frame)
+    by keeping back the few frames the AAC encoder has not caught up with; they are written by the next
+    `write()` or by `close()`, so a player never holds picture without its sound. Off: every frame is on
+    disk when its `write()` returns and each call makes one segment, but a segment's audio ends 2-4 AAC
+    frames before its video. `BlockWritten` and `summary()` count what is on disk.
 
     Errors are MediaError. Bad arguments and output paths are refused before anything is written.
     In `write()`, a bad block (wrong size or channel count) is refused and the stream goes on; a fatal
@@ -516,7 +516,7 @@ class LiveWriter:
     def __init__(self, out_dir: PathLike, fps: float, sample_rate: Optional[int], width: int, height: int, *,
                  channels: int = 2, name: str = "omniforcing.mp4", hls: bool = True, hls_dirname: str = "hls",
                  hls_window: int = 0, crf: int = 20, preset: str = "veryfast", audio_bitrate: str = "128k",
-                 odd_size: str = "pad", audio_wait_s: float = 2.0, align_av: bool = False):
+                 odd_size: str = "pad", audio_wait_s: float = 2.0, align_av: bool = True):
         _check_arguments(fps, sample_rate, width, height, channels, name, hls_dirname, hls_window, crf, preset,
                          audio_bitrate, audio_wait_s, align_av)
         self.out_dir = Path(out_dir)
