@@ -68,8 +68,9 @@ def test_export_then_load_default_round_trip(tmp_path):
         assert torch.equal(d.model.state_dict()[k], v)
     z = torch.randn(1, 128, 4, 2, 2)
     for k, v in c.state_dict().items():
-        if ".dec." in f".{k}" or "latent_" in k:
-            assert torch.equal(d.codecs.state_dict()[k], v)  # decoders shipped bit-exactly
+        if ".dec." in f".{k}" or ".enc." in f".{k}" or "latent_" in k:
+            assert torch.equal(d.codecs.state_dict()[k], v)  # encoders and decoders shipped bit-exactly
+    assert d.codecs.trained_encoders  # so toy.encode uses them instead of fitting latents to the decoders
     assert torch.allclose(d.codecs.video.decode(z), c.video.decode(z), atol=1e-6)
     _check(d)
     # the same file loads through the core loader (what the ComfyUI loader node uses)

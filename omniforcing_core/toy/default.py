@@ -133,6 +133,7 @@ def load_text_and_codecs(assets=None, caption_channels: int | None = None):
     if unexpected or any(".dec." in f".{k}" or "latent_" in k for k in missing):
         raise ValueError(f"{files['codecs']}: codec decoders do not match (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    codecs.trained_encoders = not any(".enc." in f".{k}" for k in missing)  # else toy.encode fits latents
     return te.eval().requires_grad_(False), codecs.eval().requires_grad_(False)
 
 

@@ -254,7 +254,7 @@ def load_student(path, use_ema: bool = True):
 
 def export_assets(student_dir, codecs_dir, out, use_ema: bool = True) -> dict:
     """Write the embedded default: student transformer (LTX-2 key names + header), caption encoder,
-    codec decoders (+ latent statistics). Small fp32 safetensors."""
+    codec encoders and decoders (+ latent statistics). Small fp32 safetensors."""
     from safetensors.torch import save_file
     from ..loader import header_for
     from .codecs import load_codecs
@@ -270,7 +270,8 @@ def export_assets(student_dir, codecs_dir, out, use_ema: bool = True) -> dict:
               metadata=meta)
     save_file({k: v.contiguous() for k, v in te.items()}, str(out / "toy_text.safetensors"))
     c = load_codecs(codecs_dir)
-    keep = {k: v.contiguous() for k, v in c.state_dict().items() if ".dec." in f".{k}" or "latent_" in k}
+    keep = {k: v.contiguous() for k, v in c.state_dict().items()
+            if ".dec." in f".{k}" or ".enc." in f".{k}" or "latent_" in k}  # encoders too: A->V, V->A
     save_file(keep, str(out / "toy_codecs.safetensors"))
     sizes = {f.name: f.stat().st_size for f in out.glob("toy_*.safetensors")}
     print(json.dumps(sizes))
