@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from comfy_api.latest import io
 
+from ..omniforcing_core.decode import TemporalContext
 from ..omniforcing_core.model import OmniForcingTransformer, Runtime
 from .sharing import adopt_modules
 
@@ -33,6 +34,9 @@ class ModelHandle:
     description: str
     native: Optional[torch.nn.Module] = None  # the native LTXAV diffusion model whose modules we use
     compute_dtype: Optional[torch.dtype] = None  # None: the transformer's own (a native model's inference dtype)
+    # the model's own decoder for progress previews (the toy's codecs): video latents [B, 128, F, h, w]
+    # -> the last frame [H, W, 3] in [0, 1]; None: ComfyUI's LTX-2 latent preview, which only suits LTX-2 latents
+    preview: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class HostModule(torch.nn.Module):
@@ -109,6 +113,23 @@ def prepare_for_run(patcher, handle: ModelHandle, memory_required: int) -> tuple
     return ours, Runtime(attn_fn=comfy_attention(), compute_dtype=handle.compute_dtype)
 
 
+@dataclass(frozen=True)
+class StatedReach:
+    """A decoder's reach as its VAE object states it (attribute `omniforcing_reach`), so the stream node
+    need not probe it: latents back / ahead, and for a reach shorter than the true one (a global
+    vocoder) the decoded frames (video or mel frames) crossfaded at block seams."""
+
+    reach: TemporalContext
+    crossfade_frames: int = 0
+
+
+def stated_reach(vae) -> Optional[StatedReach]:
+    reach = getattr(vae, "omniforcing_reach", None)
+    return reach if isinstance(reach, StatedReach) else None
+
+
+# The checks read LTX-2's latent format, not a class: ComfyUI's LTX-2 VAEs and the toy model's codecs
+# (nodes/toy.py), which share it, both pass.
 def is_video_vae(vae) -> bool:
     return (getattr(vae, "latent_dim", None) == 3 and getattr(vae, "latent_channels", None) == 128
             and tuple(getattr(vae, "upscale_index_formula", ()) or ()) == (8, 32, 32))
@@ -120,14 +141,16 @@ def is_audio_vae(vae) -> bool:
 
 def check_video_vae(vae, what: str = "vae") -> None:
     if vae is None or not is_video_vae(vae):
-        hint = " (that is the LTX-2 audio VAE; connect the video VAE here)" if is_audio_vae(vae) else ""
-        raise ValueError(f"'{what}' must be the LTX-2 video VAE (the VAE output of the LTX-2 checkpoint loader){hint}")
+        hint = " (that is an audio VAE; connect the video VAE here)" if is_audio_vae(vae) else ""
+        raise ValueError(f"'{what}' must be the LTX-2 video VAE (the VAE output of the LTX-2 checkpoint loader) or "
+                         f"the 'vae' output of 'OmniForcing Toy Model (embedded)'{hint}")
 
 
 def check_audio_vae(vae, what: str = "audio_vae") -> None:
     if vae is None or not is_audio_vae(vae):
-        hint = " (that is the video VAE; load the audio VAE with 'LTXV Audio VAE Loader')" if is_video_vae(vae) else ""
-        raise ValueError(f"'{what}' must be the LTX-2 audio VAE from 'LTXV Audio VAE Loader'{hint}")
+        hint = " (that is a video VAE; load the audio VAE with 'LTXV Audio VAE Loader')" if is_video_vae(vae) else ""
+        raise ValueError(f"'{what}' must be the LTX-2 audio VAE from 'LTXV Audio VAE Loader' or the 'audio_vae' "
+                         f"output of 'OmniForcing Toy Model (embedded)'{hint}")
 
 
 class Progress:

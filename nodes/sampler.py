@@ -19,7 +19,7 @@ from ..omniforcing_core.prompts import PromptError, PromptTimeline, TextContext,
 from ..omniforcing_core.sampling import Guidance, Sampler
 from ..omniforcing_core.schedule import RELEASED_STEPS, Schedule, make_schedule, parse_steps
 from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_video_vae, get_handle, log,
-                     prepare_for_run, raise_interrupt)
+                     prepare_for_run, preview_image, raise_interrupt)
 from .conditioning import context_from_conditioning, plan_from_input
 
 STEPS_DEFAULT = ",".join(str(s) for s in RELEASED_STEPS)
@@ -145,7 +145,7 @@ def memory_estimate(rp: RunPlan) -> int:
 
 
 def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """IMAGE [B, H, W, C] -> one clean latent frame [1, 128, 1, h, w] with the native video VAE."""
+    """IMAGE [B, H, W, C] -> one clean latent frame [1, 128, 1, h, w] with the video VAE (LTX-2's or the toy's)."""
     import comfy.utils
 
     check_video_vae(vae, "vae")
@@ -176,13 +176,24 @@ def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tenso
     return sampler, progress
 
 
-def latent_previewer(device):
-    """ComfyUI's latent preview for LTX-2 video latents (respects --preview-method), or None."""
+def latent_previewer(device, handle: ModelHandle):
+    """latents [B, 128, F, h, w] -> a preview of their last frame, or None for no previews (respects
+    --preview-method): the model's own decoder when it has one (the toy's codecs; LTX-2's latent2rgb
+    makes grey blur of their latents), else ComfyUI's latent preview for LTX-2."""
     try:
+        from comfy.cli_args import LatentPreviewMethod, args
+
+        if args.preview_method == LatentPreviewMethod.NoPreviews:
+            return None
+        if handle.preview is not None:
+            return lambda z: preview_image(handle.preview(z))
         import comfy.latent_formats
         import latent_preview
 
-        return latent_preview.get_previewer(device, comfy.latent_formats.LTXAV())
+        previewer = latent_preview.get_previewer(device, comfy.latent_formats.LTXAV())
+        if previewer is None:
+            return None
+        return lambda z: previewer.decode_latent_to_preview_image("JPEG", z[:, :, -1:].float())
     except Exception as e:  # noqa: BLE001 - previews are optional
         log.debug("no latent preview: %s", e)
         return None
@@ -222,17 +233,14 @@ class OmniForcingSampler(io.ComfyNode):
                       video_cfg, audio_cfg, rebase_rope)
         first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
         sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
-        previewer = latent_previewer(model.load_device)
+        previewer = latent_previewer(model.load_device, rp.handle)
         videos, audios = [], []
         try:
             with torch.inference_mode():
                 for res in sampler:
                     videos.append(res.video)
                     audios.append(res.audio)
-                    preview = None
-                    if previewer is not None:
-                        preview = previewer.decode_latent_to_preview_image("JPEG", res.video[:, :, -1:].float())
-                    progress.block_done(res.block, preview)
+                    progress.block_done(res.block, previewer(res.video) if previewer is not None else None)
         except InterruptedError:
             raise_interrupt()
         dev = mm.intermediate_device()

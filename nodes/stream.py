@@ -18,7 +18,7 @@ from ..omniforcing_core.live import LiveWriter
 from ..omniforcing_core.modality import AV
 from ..omniforcing_core.streaming import (MODES, PROBE_LATENTS_PER_SIDE, decode_plan, measure_reach, run_stream,
                                          stream_time)
-from .common import CATEGORY, check_audio_vae, check_video_vae, log, preview_image, raise_interrupt
+from .common import CATEGORY, check_audio_vae, check_video_vae, log, preview_image, raise_interrupt, stated_reach
 from .output import output_paths
 from .sampler import core_inputs, encode_start_image, guidance_inputs, plan_run, start_sampler, validate_core
 
@@ -27,13 +27,17 @@ _reach: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # VAE model -
 
 
 def vae_decoders(vae, audio_vae, time: TimeBase) -> AV[Decoder]:
-    """ComfyUI's LTX-2 VAEs as streaming decoders (reach probed once per VAE model)."""
+    """The VAEs as streaming decoders: ComfyUI's LTX-2 VAEs (reach probed once per VAE model) or VAEs
+    that state their reach (the toy model's)."""
     video = video_decoder(lambda z: vae.decode(z), None, time)  # [B, frames, H, W, 3] in [0, 1]
     audio = audio_decoder(lambda z: audio_vae.decode(z).movedim(-1, 1), None, time)  # ComfyUI: [B, samples, C]
     return AV(_with_reach(vae, video, "video", time), _with_reach(audio_vae, audio, "audio", time))
 
 
 def _with_reach(vae, decoder: Decoder, kind: str, time: TimeBase) -> Decoder:
+    stated = stated_reach(vae)
+    if stated is not None:  # known from the architecture (the toy vocoder is global: a probe finds no end)
+        return decoder.with_reach(stated.reach, stated.crossfade_frames * decoder.samples_per_frame)
     key = vae.first_stage_model
     if key not in _reach:
         with torch.inference_mode():

@@ -4,18 +4,20 @@ its caption encoder and its codecs, so a workflow runs end to end with no model 
 The student is loaded by the same loader as real checkpoints (comfy.ops layers in a
 CoreModelPatcher) and samples through the ordinary OmniForcing Sampler; only text encoding and
 decoding are toy-specific, because the toy has its own caption encoder and codecs instead of
-Gemma and the LTX-2 VAEs.
+Gemma and the LTX-2 VAEs. The codecs have LTX-2's latent format and time base, so they are also
+offered as VAE objects wherever an LTX-2 VAE goes (the Stream node, start images, VAE Decode).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from comfy_api.latest import io
 
 from ..omniforcing_core.layout import DEFAULT_TIME
 from ..omniforcing_core.toy import default as toy_default
-from .common import CATEGORY
+from .common import CATEGORY, StatedReach, get_handle
 from .loader import load_managed
 
 ToyKit = io.Custom("OMNIFORCING_TOY")
@@ -27,6 +29,84 @@ class ToyKitValue:
 
     text_encoder: torch.nn.Module
     codecs: torch.nn.Module
+
+
+def _cpu(x: torch.Tensor) -> torch.Tensor:
+    # the codecs stay on the CPU: they are tiny, and the vocoder draws its phase from a CPU generator
+    return x.detach().to("cpu", torch.float32)
+
+
+def _out(x: torch.Tensor) -> torch.Tensor:
+    import comfy.model_management as mm
+
+    return x.to(mm.intermediate_device())  # where comfy.sd.VAE leaves its results
+
+
+class ToyVideoVAE:
+    """The toy video codec as a VAE: the part of comfy.sd.VAE that the pack's nodes and ComfyUI's VAE
+    Decode / VAE Encode use (decode -> [B, F, H, W, 3], encode of IMAGE frames), LTX-2's latent format
+    and time base (so the pack's checks accept it) and its reach stated, so the stream node need not
+    probe it."""
+
+    latent_dim = 3
+    latent_channels = DEFAULT_TIME.latent_channels
+    output_channels = 3
+
+    def __init__(self, codecs):
+        t = DEFAULT_TIME
+        self.codecs = codecs
+        self.upscale_index_formula = self.downscale_index_formula = (t.video_stride, t.spatial_stride,
+                                                                     t.spatial_stride)
+        self.omniforcing_reach = StatedReach(toy_default.VIDEO_REACH)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """[B, 128, F, h, w] -> frames [B, 1 + 8(F-1), 32h, 32w, 3] in [0, 1]."""
+        return _out(self.codecs.decode_video(_cpu(samples)).permute(0, 2, 3, 4, 1).contiguous())
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """IMAGE frames [F, H, W, C] (one clip, as ComfyUI's video VAEs read an IMAGE batch) or
+        [B, F, H, W, C] -> [B, 128, 1 + (F-1)//8, H//32, W//32]. Like LTX-2's VAE it crops the size
+        (centred) to multiples of 32 and the length to 1 + 8k frames. The shipped codec has no encoder
+        weights: the latents are fitted to its decoder (VideoCodec.fit_latents)."""
+        t = DEFAULT_TIME
+        x = _cpu(pixels[..., :3])
+        x = x[None] if x.dim() == 4 else x
+        s = t.spatial_stride
+        h, w = x.shape[2] // s * s, x.shape[3] // s * s
+        if not h or not w:
+            raise ValueError(f"the toy VAE encodes images of at least {s}x{s} pixels, not {x.shape[3]}x{x.shape[2]}")
+        top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+        frames = 1 + (x.shape[1] - 1) // t.video_stride * t.video_stride
+        x = x[:, :frames, top:top + h, left:left + w].permute(0, 4, 1, 2, 3)
+        return _out(self.codecs.video.fit_latents(x))
+
+    def last_frame(self, latents: torch.Tensor) -> torch.Tensor:
+        """The progress preview: video latents [B, 128, F, h, w] -> the last frame [32h, 32w, 3]. Each latent
+        decodes alone (reach 0), so the last latent by itself gives exactly the clip's last frame."""
+        return self.codecs.decode_video(_cpu(latents[:1, :, -1:]))[0, :, -1].permute(1, 2, 0)
+
+
+class ToyAudioVAE:
+    """The toy audio codec + vocoder as an audio VAE, as ToyVideoVAE: decode -> [B, samples, 2] at
+    `audio_sample_rate_output`, the reach and seam crossfade the demo streams with."""
+
+    latent_dim = 2
+    latent_channels = DEFAULT_TIME.audio_channels
+
+    def __init__(self, codecs, sample_rate: int = DEFAULT_TIME.audio_sample_rate):
+        self.codecs = codecs
+        self.audio_sample_rate_output = sample_rate
+        self.first_stage_model = SimpleNamespace(output_sample_rate=sample_rate)  # LTXV Audio VAE Decode reads it
+        self.omniforcing_reach = StatedReach(toy_default.AUDIO_REACH, toy_default.AUDIO_CROSSFADE_MEL_FRAMES)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """[B, 8, T, 16] -> stereo [B, (4T - 3) * rate / 100, 2] (ComfyUI's audio VAE layout)."""
+        wave = toy_default.decode_toy_audio(self.codecs, _cpu(samples), self.audio_sample_rate_output)
+        return _out(wave.movedim(1, -1).contiguous())
+
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the toy audio VAE only decodes (the pack ships the toy's audio decoder alone); "
+                         "the toy makes its sound from the caption")
 
 
 def _words() -> str:
@@ -65,7 +145,13 @@ class OmniForcingToyModel(io.ComfyNode):
                      ToyKit.Output(display_name="toy", tooltip="The toy's caption encoder and codecs, for "
                                                                 "'OmniForcing Toy Text Encode' and 'OmniForcing Toy "
                                                                 "Decode'."),
-                     io.String.Output(display_name="info", tooltip="What was loaded.")],
+                     io.String.Output(display_name="info", tooltip="What was loaded."),
+                     # appended after the first three so saved workflows keep their links
+                     io.Vae.Output(display_name="vae", tooltip="The toy video codec as a VAE: for 'OmniForcing "
+                                                               "Stream', a start_image, VAE Decode / VAE Encode."),
+                     io.Vae.Output(display_name="audio_vae", tooltip="The toy audio codec as an audio VAE (decode "
+                                                                     "only): for 'OmniForcing Stream' and LTXV Audio "
+                                                                     "VAE Decode.")],
         )
 
     @classmethod
@@ -76,7 +162,10 @@ class OmniForcingToyModel(io.ComfyNode):
                                      meta.get("layout", "auto"), label="OmniForcing toy student:")
         te, codecs = toy_default.load_text_and_codecs()
         size = int(meta.get("size", 128))
-        return io.NodeOutput(patcher, ToyKitValue(te, codecs), f"{info}; trained at {size}x{size}")
+        vae = ToyVideoVAE(codecs)
+        get_handle(patcher).preview = vae.last_frame  # progress previews show the toy's own decode
+        return io.NodeOutput(patcher, ToyKitValue(te, codecs), f"{info}; trained at {size}x{size}", vae,
+                             ToyAudioVAE(codecs))
 
 
 class OmniForcingToyTextEncode(io.ComfyNode):

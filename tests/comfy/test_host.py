@@ -17,7 +17,8 @@ pytestmark = needs_comfyui
 NODE_IDS = ["OmniForcingModelLoader", "OmniForcingFromNativeModel", "OmniForcingPromptAt",
             "OmniForcingPromptSchedule", "OmniForcingSampler", "OmniForcingStream", "OmniForcingMux",
             "OmniForcingToyModel", "OmniForcingToyTextEncode", "OmniForcingToyDecode"]
-WORKFLOW_NAMES = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo"]
+WORKFLOW_NAMES = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo",
+                  "omniforcing_toy_stream"]
 FPS = 24
 
 
@@ -472,3 +473,211 @@ def test_output_prefix_cannot_escape_the_output_folder(host):
     g[mux]["inputs"]["filename_prefix"] = "../../escaped/video"
     assert "outside the output folder" in failed(host, g)
     assert not (host.output.parent.parent / "escaped").exists()
+
+
+# -- the toy's codecs as VAEs (issue 11 item 3) ----------------------------------------------------------
+
+def _toy_core_latents(g: dict, sampler: str, text_node: str):
+    """The latents the core library makes for the graph's toy settings (the independent computation)."""
+    import torch
+
+    from omniforcing_core.layout import make_clip
+    from omniforcing_core.sampling import generate
+    from omniforcing_core.toy.default import load_default
+
+    d = load_default()
+    s = g[sampler]["inputs"]
+    clip = make_clip(d.layout, s["height"], s["width"], seconds=s["seconds"], seed=s["seed"])
+    with torch.no_grad():
+        v, a = generate(d.model, clip, d.text(g[text_node]["inputs"]["text"]))
+    return d, clip, v, a
+
+
+def _probe_count(host) -> int:
+    return host.log_path.read_text(errors="replace").count("decoder reach:")  # stream.py logs every probe
+
+
+def test_toy_stream_workflow_streams_with_the_toy_codecs_as_vaes(host):
+    """The shipped toy stream (no model files): a live MP4 + ended HLS playlist with moving pictures and
+    sound; the frames are the toy's own decode of the latents the core makes, the audio what the core's
+    streaming decoder gives with the reach and crossfade the toy VAE states (it was not probed)."""
+    import numpy as np
+    import torch
+
+    from omniforcing_core.decode import StreamingDecoder
+    from omniforcing_core.layout import DEFAULT_TIME
+    from omniforcing_core.live import read_playlist
+    from omniforcing_core.media import decode_audio, decode_video_gray
+    from omniforcing_core.streaming import decode_plan
+
+    g = load_api_workflow("omniforcing_toy_stream")
+    (stream,) = nodes_of(g, "OmniForcingStream")
+    (enc,) = nodes_of(g, "OmniForcingToyTextEncode")
+    g["90"] = {"class_type": "OmniForcingTestSaveTensors",
+               "inputs": {"name": "toy_stream", "image": [stream, 0], "audio": [stream, 1]}}
+    probes = _probe_count(host)
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    assert _probe_count(host) == probes, "the toy VAEs state their reach; nothing should be probed"
+    s = g[stream]["inputs"]
+    frames = 1 + FPS * s["seconds"]
+    (mp4,) = host.output_files(entry, stream)
+    info = probe(mp4)
+    assert info.num_streams == 2 and (info.video.codec, info.audio.codec) == ("h264", "aac")
+    assert info.video.frames == frames and (info.video.width, info.video.height) == (s["width"], s["height"])
+    assert info.audio.sample_rate == 24000 and abs(info.av_drift) < 1 / FPS
+    assert info.video.duration == pytest.approx(frames / FPS, abs=0.01)
+    live = entry["outputs"][stream]["omniforcing_stream"][0]
+    playlist = host.output / live["hls_subfolder"] / live["playlist"]
+    pl = read_playlist(playlist)
+    assert pl.ended and pl.seconds == pytest.approx(frames / FPS, abs=1e-3)
+    hls = probe(playlist)
+    assert hls.video.frames == frames and hls.audio is not None and abs(hls.av_drift) < 1 / FPS
+    # moving pictures and sound, not a constant frame or silence
+    luma = decode_video_gray(mp4).astype(np.float32) / 255
+    assert luma.shape == (frames, s["height"], s["width"])
+    motion = np.abs(np.diff(luma, axis=0)).mean((1, 2))
+    assert (motion > 1e-3).mean() > 0.5 and float(luma.std((1, 2)).mean()) > 0.02, motion
+    wave = decode_audio(mp4)
+    assert float(np.sqrt((wave ** 2).mean())) > 1e-3
+
+    d, clip, v, a = _toy_core_latents(g, stream, enc)
+    t = tensors(host, "toy_stream")
+    want = d.decode_video(v)[0].permute(1, 2, 3, 0)  # the toy video decoder's reach is 0: exact
+    assert t["image"].shape == want.shape and float((t["image"] - want).abs().max()) < 1e-3
+    plan = decode_plan(s["decode"], d.decoders(DEFAULT_TIME), DEFAULT_TIME)
+    audio = StreamingDecoder(plan.decoders.audio)
+    parts = [audio.push(a[:, :, b.audio_start:b.audio_end]) for b in clip.blocks()] + [audio.flush()]
+    want_audio = torch.cat([p.data for p in parts if p is not None], -1)
+    assert t["audio"].shape == want_audio.shape and float(t["sample_rate"][0]) == 24000
+    assert float((t["audio"] - want_audio).abs().max()) < 1e-4
+
+
+def test_toy_vaes_work_in_comfyuis_own_vae_nodes(host):
+    """VAE Decode and LTXV Audio VAE Decode take the toy's VAEs and give what the toy's own decode node
+    gives; VAE Encode of those frames gives latents that decode back to the same picture."""
+    g = load_api_workflow("omniforcing_toy_demo")
+    g = {k: v for k, v in g.items() if v["class_type"] not in ("CreateVideo", "SaveVideo")}
+    (toy,) = nodes_of(g, "OmniForcingToyModel")
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    (dec,) = nodes_of(g, "OmniForcingToyDecode")
+    g[sampler]["inputs"]["seconds"] = 2
+    g["91"] = {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": [sampler, 0]}}
+    g["92"] = {"class_type": "VAEDecode", "inputs": {"samples": ["91", 0], "vae": [toy, 3]}}
+    g["93"] = {"class_type": "LTXVAudioVAEDecode", "inputs": {"samples": ["91", 1], "audio_vae": [toy, 4]}}
+    g["94"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["92", 0], "vae": [toy, 3]}}
+    g["95"] = {"class_type": "VAEDecode", "inputs": {"samples": ["94", 0], "vae": [toy, 3]}}
+    g["96"] = {"class_type": "OmniForcingTestSaveTensors",
+               "inputs": {"name": "toy_ref", "image": [dec, 0], "audio": [dec, 1], "latent": [sampler, 0]}}
+    g["97"] = {"class_type": "OmniForcingTestSaveTensors",
+               "inputs": {"name": "toy_native", "image": ["92", 0], "audio": ["93", 0]}}
+    g["98"] = {"class_type": "OmniForcingTestSaveTensors",
+               "inputs": {"name": "toy_reencoded", "image": ["95", 0], "latent": ["94", 0]}}
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    ref, native, again = tensors(host, "toy_ref"), tensors(host, "toy_native"), tensors(host, "toy_reencoded")
+    assert native["image"].shape == ref["image"].shape == (49, 128, 128, 3)
+    assert float((native["image"] - ref["image"]).abs().max()) < 1e-6
+    assert native["audio"].shape == ref["audio"].shape and float(native["sample_rate"][0]) == 24000
+    assert float((native["audio"] - ref["audio"]).abs().max()) < 1e-6
+    assert again["latent"].shape == ref["video_latent"].shape
+    err = float(((again["image"] - ref["image"]) ** 2).mean())
+    spread = float(((ref["image"] - ref["image"].mean((0, 1, 2))) ** 2).mean())
+    print(f"VAE Encode -> Decode of toy frames: mse {err:.2e} (frames' own variance {spread:.2e})")
+    assert err < 0.15 * spread  # 4x pooling then bilinear upsampling blurs edges a little
+
+
+def test_toy_stream_from_a_start_image_encoded_by_the_toy_vae(host):
+    """start_image with the toy VAE: the first frame is the toy decode of the latent fitted to the image
+    (computed here by the core), and it looks like the image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from omniforcing_core.toy import world
+    from omniforcing_core.toy.default import load_text_and_codecs
+
+    picture = world.make_clip(11, seconds=1.0).video[:, 0].permute(1, 2, 0)  # [128, 128, 3], a world frame
+    png = (picture.numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(png).save(host.base / "input" / "toy_start.png")
+    g = load_api_workflow("omniforcing_toy_stream")
+    (stream,) = nodes_of(g, "OmniForcingStream")
+    g["80"] = {"class_type": "LoadImage", "inputs": {"image": "toy_start.png"}}
+    g[stream]["inputs"].update(seconds=2, start_image=["80", 0], filename_prefix="omniforcing/toy_i2av")
+    g["90"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "toy_i2av", "image": [stream, 0]}}
+    entry = host.run(g)
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    first = tensors(host, "toy_i2av")["image"][0]
+    target = torch.from_numpy(png).float() / 255
+    codec = load_text_and_codecs()[1].video
+    want = codec.decode(codec.fit_latents(target.permute(2, 0, 1)[None, :, None]))[0, :, 0].permute(1, 2, 0)
+    assert float((first - want).abs().max()) < 1e-3
+    bg = target[:2, :2].mean((0, 1))
+    objects = (target - bg).abs().sum(-1) > 0.3
+    assert objects.any()
+    assert float((first - target).abs().sum(-1)[objects].mean()) < 0.4 * float((target - bg).abs().sum(-1)[objects].mean())
+
+
+class _Previews:
+    """The JPEG previews ComfyUI sends over the websocket (binary event 1: PREVIEW_IMAGE)."""
+
+    def __init__(self, host):
+        self.images, self.url = [], host.url.replace("http", "ws") + f"/ws?clientId={host.client_id}"
+        self.ready, self._stop = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(20), "websocket did not connect"
+
+    def _run(self):
+        import asyncio
+        import struct
+
+        import aiohttp
+
+        async def main():
+            async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+                self.ready.set()
+                while not self._stop:
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 1:
+                        self.images.append(bytes(msg.data[8:]))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        break
+        asyncio.run(main())
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+
+
+def test_sampler_previews_of_toy_latents_are_the_toy_decode(host):
+    """The offline sampler's per-block preview of a toy MODEL is its codec's decode of the block's last
+    frame, not LTX-2's latent2rgb (which makes grey blur of toy latents)."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    g = load_api_workflow("omniforcing_toy_demo")
+    g = {k: v for k, v in g.items() if v["class_type"] not in ("CreateVideo", "SaveVideo")}
+    (sampler,) = nodes_of(g, "OmniForcingSampler")
+    (dec,) = nodes_of(g, "OmniForcingToyDecode")
+    g[sampler]["inputs"].update(seconds=2, seed=5)
+    g["90"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "toy_preview", "image": [dec, 0]}}
+    previews = _Previews(host)
+    try:
+        entry = host.run(g)
+    finally:
+        time.sleep(0.5)
+        previews.close()
+    assert entry["status"]["status_str"] == "success", error_text(entry)
+    assert len(previews.images) >= 2, f"{len(previews.images)} previews"  # one per block
+    frame = tensors(host, "toy_preview")["image"][-1].numpy()  # the clip's last frame
+    shown = Image.open(_io.BytesIO(previews.images[-1])).convert("RGB")
+    shown = np.asarray(shown.resize(frame.shape[1::-1], Image.BILINEAR), np.float32) / 255
+    err = float(np.abs(shown - frame).mean())
+    flat = float(np.abs(frame.mean((0, 1)) - frame).mean())  # what a structureless preview would score
+    assert err < 0.03 and err < 0.5 * flat, (err, flat)

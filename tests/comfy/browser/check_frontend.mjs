@@ -13,7 +13,8 @@ const { chromium } = await import(pathToFileURL(`${pwDir}/index.mjs`).href);
 // long enough that the tiny random model (about 0.1 s a block here) is still generating after the
 // player has played a second: an 8 s stream sometimes ended within a second and the check flaked
 const STREAM_SECONDS = 30;
-const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo"];
+const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo",
+               "omniforcing_toy_stream"];
 mkdirSync(artifacts, { recursive: true });
 
 const browser = await chromium.launch({

@@ -88,4 +88,16 @@ export const WORKFLOWS = {
     links: [[1, 0, 3, "model"], [1, 1, 2, "toy"], [2, 0, 3, "positive"], [3, 0, 4, "latent"], [1, 1, 4, "toy"],
             [4, 0, 5, "images"], [4, 1, 5, "audio"], [5, 0, 6, "video"]],
   },
+  omniforcing_toy_stream: {
+    nodes: [
+      { id: 1, type: "OmniForcingToyModel", pos: [40, 150] },
+      { id: 2, type: "OmniForcingToyTextEncode", pos: [40, 420], size: [400, 160], title: "Prompt",
+        widgets: { text: "a red ball bounces twice, a blue square slides" } },
+      { id: 3, type: "OmniForcingStream", pos: [480, 60], size: [420, 900],
+        widgets: { width: 128, height: 128, seconds: 5, seed: 0, control_after_generate: "fixed", steps: STEPS, window: 0,
+                   layout: "model", filename_prefix: "omniforcing/toy_stream", decode: "balanced", keep_frames: true } },
+      note(30, [40, 640], "### OmniForcing: a live stream from the embedded toy model (no downloads)\nThe toy's own codecs are its `vae` and `audio_vae`: every block is decoded as it lands and appended to a growing MP4 + HLS playlist in `output/omniforcing/`, which the node plays with sound while it generates. Cancel keeps what was made. 5 s at 128x128, the size the toy was trained at; try other captions in the toy world's words (a green square bounces three times)."),
+    ],
+    links: [[1, 0, 3, "model"], [1, 1, 2, "toy"], [2, 0, 3, "positive"], [1, 3, 3, "vae"], [1, 4, 3, "audio_vae"]],
+  },
 };
