@@ -10,6 +10,7 @@ asked it covers the media's whole seconds; media up to one video frame shorter t
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -83,22 +84,42 @@ def _no_stream(e: MediaError) -> bool:
     return "does not contain any stream" in str(e)
 
 
+_LAYOUTS = {"mono": 1, "stereo": 2, "2.1": 3, "3.0": 3, "quad": 4, "4.0": 4, "5.0": 5, "5.1": 6, "6.1": 7, "7.1": 8}
+
+
+def _output_channels(log: str) -> Optional[int]:
+    """Channels of the decoded PCM, from ffmpeg's description of its output stream."""
+    m = re.search(r"Output #0.*?Audio: pcm_f32le, \d+ Hz, ([^,\n]+)", log, re.S)
+    if not m:
+        return None
+    name = m.group(1).strip()
+    n = re.fullmatch(r"(\d+) channels.*", name)
+    return int(n.group(1)) if n else _LAYOUTS.get(name.split("(")[0])
+
+
 def read_audio(path, time: TimeBase, channels: int = 2, seconds: Optional[float] = None) -> torch.Tensor:
     """The first audio stream of any file ffmpeg reads as float32 [channels, S] at the stream's sample
-    rate (at most `seconds` and a little more when given)."""
+    rate (at most `seconds` and a little more when given). Decoded in its own channels, then fitted
+    as `conform_audio` does (mono duplicated at full level, not ffmpeg's -3 dB upmix)."""
     p = _check_file(path, "--audio")
+    args = ["-i", ffmpeg_path_arg(p), *_limit(seconds, time), "-map", "0:a:0?", "-f", "f32le",
+            "-ar", str(time.audio_sample_rate), "pipe:1"]
     try:
-        raw = run_ffmpeg(["-loglevel", "error", "-i", ffmpeg_path_arg(p), *_limit(seconds, time), "-map", "0:a:0?",
-                          "-f", "f32le", "-ac", str(channels), "-ar", str(time.audio_sample_rate), "pipe:1"],
-                         timeout=READ_TIMEOUT_S).stdout
+        proc = run_ffmpeg(["-loglevel", "info", *args], timeout=READ_TIMEOUT_S)
+        native = _output_channels(proc.stderr.decode(errors="replace"))
+        if native is None:  # a layout we cannot name: let ffmpeg mix it down
+            native, raw = channels, run_ffmpeg(["-loglevel", "error", *args[:-1], "-ac", str(channels), "pipe:1"],
+                                               timeout=READ_TIMEOUT_S).stdout
+        else:
+            raw = proc.stdout
     except MediaError as e:
         if _no_stream(e):
             raise GivenError(f"--audio {p}: no audio in it (a video-only file? then use --video)") from None
         raise GivenError(f"--audio {p}: ffmpeg cannot read it ({_last_line(e)})") from None
-    wave = np.frombuffer(raw, np.float32).reshape(-1, channels).T.copy()
+    wave = np.frombuffer(raw, np.float32).reshape(-1, native).T.copy()
     if wave.shape[1] == 0:
         raise GivenError(f"--audio {p}: the audio in it is empty")
-    return torch.from_numpy(wave)
+    return conform_audio(torch.from_numpy(wave), time.audio_sample_rate, time, channels)
 
 
 def read_video(path, time: TimeBase, width: int, height: int, seconds: Optional[float] = None) -> torch.Tensor:

@@ -92,3 +92,17 @@ def test_input_shorter_than_asked_and_other_misuse_are_one_line_errors(files, tm
         assert code == 2, (args, err)
         assert needle in err and err.startswith("error: ") and err.count("\n") == 1, err
         assert not out.exists()  # nothing written
+
+
+def test_conditioned_report_matches_each_generated_modality_against_the_true_other_one():
+    from omniforcing_core.toy.report import format_conditioned_table, run_conditioned_report
+    rows = {r["model"].split(":")[0]: r for r in run_conditioned_report(n=2, log=lambda *_: None)}
+    gt = rows["ground-truth clip (detector check)"]
+    assert gt["event_recall"] >= 0.9
+    # A->V rows look up the true audio's onsets, V->A rows the true video's visual events: the counts
+    # that come from true media equal the ground-truth row's, the generated side's do not have to
+    for k in ("A->V", "A->V control"):
+        assert rows[k]["onsets"] == gt["onsets"]
+    for k in ("V->A", "V->A control"):
+        assert rows[k]["visual_events"] == gt["visual_events"]
+    assert rows["A->V"]["s_per_clip"] > 0 and "onset recall" in format_conditioned_table(list(rows.values()))
