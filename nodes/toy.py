@@ -17,6 +17,8 @@ from comfy_api.latest import io
 
 from ..omniforcing_core.layout import DEFAULT_TIME
 from ..omniforcing_core.toy import default as toy_default
+from ..omniforcing_core.toy import encode as toy_encode
+from ..omniforcing_core.toy.world import HOP, SAMPLE_RATE
 from .common import CATEGORY, StatedReach, get_handle
 from .loader import load_managed
 
@@ -66,8 +68,8 @@ class ToyVideoVAE:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """IMAGE frames [F, H, W, C] (one clip, as ComfyUI's video VAEs read an IMAGE batch) or
         [B, F, H, W, C] -> [B, 128, 1 + (F-1)//8, H//32, W//32]. Like LTX-2's VAE it crops the size
-        (centred) to multiples of 32 and the length to 1 + 8k frames. The shipped codec has no encoder
-        weights: the latents are fitted to its decoder (VideoCodec.fit_latents)."""
+        (centred) to multiples of 32 and the length to 1 + 8k frames. Codecs shipped without encoder
+        weights get latents fitted to their decoder (toy.encode)."""
         t = DEFAULT_TIME
         x = _cpu(pixels[..., :3])
         x = x[None] if x.dim() == 4 else x
@@ -78,7 +80,7 @@ class ToyVideoVAE:
         top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
         frames = 1 + (x.shape[1] - 1) // t.video_stride * t.video_stride
         x = x[:, :frames, top:top + h, left:left + w].permute(0, 4, 1, 2, 3)
-        return _out(self.codecs.video.fit_latents(x))
+        return _out(toy_encode.encode_video(self.codecs, x))
 
     def last_frame(self, latents: torch.Tensor) -> torch.Tensor:
         """The progress preview: video latents [B, 128, F, h, w] -> the last frame [32h, 32w, 3]. Each latent
@@ -88,10 +90,12 @@ class ToyVideoVAE:
 
 class ToyAudioVAE:
     """The toy audio codec + vocoder as an audio VAE, as ToyVideoVAE: decode -> [B, samples, 2] at
-    `audio_sample_rate_output`, the reach and seam crossfade the demo streams with."""
+    `audio_sample_rate_output`, the reach and seam crossfade the demo streams with; encode of waveforms
+    at `audio_sample_rate` (the codec's 16 kHz, which ComfyUI's audio encode nodes resample to)."""
 
     latent_dim = 2
     latent_channels = DEFAULT_TIME.audio_channels
+    audio_sample_rate = SAMPLE_RATE
 
     def __init__(self, codecs, sample_rate: int = DEFAULT_TIME.audio_sample_rate):
         self.codecs = codecs
@@ -104,9 +108,15 @@ class ToyAudioVAE:
         wave = toy_default.decode_toy_audio(self.codecs, _cpu(samples), self.audio_sample_rate_output)
         return _out(wave.movedim(1, -1).contiguous())
 
-    def encode(self, audio: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the toy audio VAE only decodes (the pack ships the toy's audio decoder alone); "
-                         "the toy makes its sound from the caption")
+    def encode(self, waveform: torch.Tensor) -> torch.Tensor:
+        """[B, samples, C] at 16 kHz -> [B, 8, 1 + k, 16]: channels averaged, cut to whole latents (40 ms)."""
+        mono = _cpu(waveform).mean(-1)
+        per_latent = HOP * self.codecs.audio.stride
+        n = mono.shape[-1] // per_latent * per_latent
+        if not n:
+            raise ValueError(f"the toy audio VAE encodes at least {per_latent} samples at {SAMPLE_RATE} Hz, "
+                             f"got {mono.shape[-1]}")
+        return _out(toy_encode.encode_audio(self.codecs, mono[:, :n]))
 
 
 def _words() -> str:

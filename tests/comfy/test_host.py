@@ -555,7 +555,14 @@ def test_toy_stream_workflow_streams_with_the_toy_codecs_as_vaes(host):
 
 def test_toy_vaes_work_in_comfyuis_own_vae_nodes(host):
     """VAE Decode and LTXV Audio VAE Decode take the toy's VAEs and give what the toy's own decode node
-    gives; VAE Encode of those frames gives latents that decode back to the same picture."""
+    gives; VAE Encode of those frames gives latents that decode back to the same picture; LTXV Audio VAE
+    Encode gives what the core's toy encoder gives for the sound at the codec's 16 kHz."""
+    import torch
+    import torchaudio
+
+    from omniforcing_core.toy.default import load_text_and_codecs
+    from omniforcing_core.toy.encode import encode_audio
+
     g = load_api_workflow("omniforcing_toy_demo")
     g = {k: v for k, v in g.items() if v["class_type"] not in ("CreateVideo", "SaveVideo")}
     (toy,) = nodes_of(g, "OmniForcingToyModel")
@@ -573,6 +580,8 @@ def test_toy_vaes_work_in_comfyuis_own_vae_nodes(host):
                "inputs": {"name": "toy_native", "image": ["92", 0], "audio": ["93", 0]}}
     g["98"] = {"class_type": "OmniForcingTestSaveTensors",
                "inputs": {"name": "toy_reencoded", "image": ["95", 0], "latent": ["94", 0]}}
+    g["99"] = {"class_type": "LTXVAudioVAEEncode", "inputs": {"audio": [dec, 1], "audio_vae": [toy, 4]}}
+    g["100"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "toy_audio_enc", "latent": ["99", 0]}}
     entry = host.run(g)
     assert entry["status"]["status_str"] == "success", error_text(entry)
     ref, native, again = tensors(host, "toy_ref"), tensors(host, "toy_native"), tensors(host, "toy_reencoded")
@@ -585,6 +594,11 @@ def test_toy_vaes_work_in_comfyuis_own_vae_nodes(host):
     spread = float(((ref["image"] - ref["image"].mean((0, 1, 2))) ** 2).mean())
     print(f"VAE Encode -> Decode of toy frames: mse {err:.2e} (frames' own variance {spread:.2e})")
     assert err < 0.15 * spread  # 4x pooling then bilinear upsampling blurs edges a little
+    wave = torchaudio.functional.resample(ref["audio"], 24000, 16000).mean(1)  # what the node is handed
+    want = encode_audio(load_text_and_codecs()[1], wave[:, :wave.shape[-1] // 640 * 640])
+    got = tensors(host, "toy_audio_enc")["latent"]
+    assert got.shape == want.shape == (1, 8, ref["audio_latent"].shape[2], 16)
+    assert float((got - want).abs().max()) < 1e-4
 
 
 def test_toy_stream_from_a_start_image_encoded_by_the_toy_vae(host):
@@ -615,7 +629,8 @@ def test_toy_stream_from_a_start_image_encoded_by_the_toy_vae(host):
     bg = target[:2, :2].mean((0, 1))
     objects = (target - bg).abs().sum(-1) > 0.3
     assert objects.any()
-    assert float((first - target).abs().sum(-1)[objects].mean()) < 0.4 * float((target - bg).abs().sum(-1)[objects].mean())
+    err, dev = (first - target).abs().sum(-1)[objects].mean(), (target - bg).abs().sum(-1)[objects].mean()
+    assert float(err) < 0.4 * float(dev)
 
 
 class _Previews:
