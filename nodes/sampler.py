@@ -16,9 +16,9 @@ from ..omniforcing_core.budget import stream_bytes
 from ..omniforcing_core.cache import CachePolicy
 from ..omniforcing_core.layout import Clip, LayoutError, make_clip, make_layout
 from ..omniforcing_core.prompts import PromptError, PromptTimeline, TextContext, resolve_prompts
-from ..omniforcing_core.sampling import Guidance, Sampler
+from ..omniforcing_core.sampling import Given, Guidance, Sampler
 from ..omniforcing_core.schedule import RELEASED_STEPS, Schedule, make_schedule, parse_steps
-from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_video_vae, get_handle, log,
+from .common import (CATEGORY, ModelHandle, Progress, Prompts, check_audio_vae, check_video_vae, get_handle, log,
                      prepare_for_run, preview_image, raise_interrupt)
 from .conditioning import context_from_conditioning, plan_from_input
 
@@ -70,6 +70,22 @@ def guidance_inputs() -> list:
         io.Boolean.Input("rebase_rope", default=False, optional=True, advanced=True,
                          tooltip="With a window: give the cached blocks window-relative positions so a stream can "
                                  "run past RoPE's 20 s range. Off: absolute positions (exact within 20 s)."),
+    ]
+
+
+def given_inputs() -> list:
+    """Optional A->V / V->A inputs (appended last, so saved graphs keep their links)."""
+    return [
+        io.Audio.Input("audio", optional=True,
+                       tooltip="Your audio (audio -> video): held clean in every block while the video is generated "
+                               "to it. Encoded with the audio VAE, resampled as needed, cut to `seconds` (shorter "
+                               "than `seconds` is an error). The stream's file carries this audio itself."),
+        io.Image.Input("video", optional=True,
+                       tooltip="Your video frames (video -> audio), at `video_fps`: held clean in every block while "
+                               "the audio is generated to them. Resampled to 24 fps, scaled to cover width x height "
+                               "(centre crop), encoded with the video VAE, cut to `seconds` (shorter is an error)."),
+        io.Float.Input("video_fps", default=24.0, min=1.0, max=240.0, step=0.001, optional=True,
+                       tooltip="Frame rate of `video` (e.g. the fps output of a video loader)."),
     ]
 
 
@@ -159,7 +175,47 @@ def encode_start_image(vae, image: torch.Tensor, width: int, height: int) -> tor
     return lat.float()
 
 
-def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tensor] = None):
+@dataclass
+class GivenInput:
+    """A->V / V->A: the latents the sampler holds clean and the media the stream writes as it is."""
+
+    latents: Given
+    media: object  # streaming.GivenMedia
+
+
+def encode_given(rp: RunPlan, vae, audio_vae, audio=None, video=None, video_fps=24.0, time=None):
+    """AUDIO ({waveform [B, C, S], sample_rate}) or IMAGE frames [N, H, W, 3] at `video_fps` -> the clip's
+    clean latents (the VAE's own encode: ComfyUI's audio VAE protocol, resampled to its rate) and the media on
+    the stream's clock; None without either. Too short for `seconds` is an error naming both lengths."""
+    from ..omniforcing_core.streaming import GivenMedia, stream_time
+    from ..omniforcing_core.usermedia import conform_audio, conform_frames, fit_length, stream_seconds
+
+    if audio is None and video is None:
+        return None
+    if audio is not None and video is not None:
+        raise ValueError("give either 'audio' (audio -> video) or 'video' (video -> audio), not both")
+    clip = rp.clip
+    time = time or clip.layout.time
+    if audio is not None:
+        check_audio_vae(audio_vae, "audio_vae")
+        wave, rate = audio["waveform"][0].float().cpu(), int(audio["sample_rate"])
+        media = conform_audio(wave, rate, time, channels=2)
+        stream_seconds(media.shape[-1] / time.audio_sample_rate, clip.seconds, time, "the audio input")
+        vae_rate = int(getattr(audio_vae, "audio_sample_rate", 44100))  # what ComfyUI's audio encode nodes use
+        enc = conform_audio(wave, rate, stream_time(vae_rate, time), channels=2)
+        enc = fit_length(enc, int((clip.seconds + 0.5) * vae_rate), -1, hold_last=False)  # whole last latent
+        lat = audio_vae.encode(enc[None].movedim(1, -1))  # [1, S, C] -> [1, 8, T, 16]
+        return GivenInput(Given("audio", lat.float()), GivenMedia("audio", media))
+    check_video_vae(vae, "vae")
+    frames = conform_frames(video[..., :3].float().cpu(), float(video_fps), time, clip.width, clip.height)
+    stream_seconds(frames.shape[0] / time.fps, clip.seconds, time, "the video input")
+    frames = fit_length(frames, clip.num_frames, 0, hold_last=True)
+    lat = vae.encode(frames)  # [F, H, W, 3] -> [1, 128, 1 + (F - 1) / 8, h, w]
+    return GivenInput(Given("video", lat.float()), GivenMedia("video", frames))
+
+
+def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tensor] = None,
+                  given: Optional[Given] = None):
     """Load the model, resolve the prompts for it and return (sampler, progress)."""
     import comfy.model_management as mm
 
@@ -171,7 +227,7 @@ def start_sampler(rp: RunPlan, model, node_id, first_frame: Optional[torch.Tenso
     guidance = Guidance(negative, rp.video_cfg, rp.audio_cfg) if negative is not None else None
     progress = Progress(node_id, rp.clip.num_blocks, rp.schedule.steps)
     sampler = Sampler(ours, rp.clip, prompts, schedule=rp.schedule, policy=rp.policy, guidance=guidance,
-                      first_frame=first_frame, runtime=runtime, should_stop=mm.processing_interrupted,
+                      first_frame=first_frame, given=given, runtime=runtime, should_stop=mm.processing_interrupted,
                       on_step=progress.step)
     return sampler, progress
 
@@ -213,7 +269,10 @@ class OmniForcingSampler(io.ComfyNode):
                         "LTXV Audio VAE Decode.",
             inputs=[*core_inputs(), *guidance_inputs(),
                     io.Vae.Input("vae", optional=True,
-                                 tooltip="The LTX-2 video VAE; needed only to encode a start_image.")],
+                                 tooltip="The LTX-2 video VAE; needed only to encode a start_image or a video."),
+                    *given_inputs(),
+                    io.Vae.Input("audio_vae", optional=True,
+                                 tooltip="The LTX-2 audio VAE; needed only to encode an audio input.")],
             outputs=[io.Latent.Output(display_name="LATENT",
                                       tooltip="Nested video [1,128,F,H/32,W/32] + audio [1,8,T,16] latents.")],
             hidden=[io.Hidden.unique_id],
@@ -225,14 +284,17 @@ class OmniForcingSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, width, height, seconds, seed, steps, window, layout, negative=None,
-                video_cfg=3.0, audio_cfg=5.0, start_image=None, rebase_rope=False, vae=None) -> io.NodeOutput:
+                video_cfg=3.0, audio_cfg=5.0, start_image=None, rebase_rope=False, vae=None, audio=None, video=None,
+                video_fps=24.0, audio_vae=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.nested_tensor
 
         rp = plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative,
                       video_cfg, audio_cfg, rebase_rope)
         first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
-        sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
+        given = encode_given(rp, vae, audio_vae, audio, video, video_fps)
+        sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first,
+                                          given.latents if given is not None else None)
         previewer = latent_previewer(model.load_device, rp.handle)
         videos, audios = [], []
         try:

@@ -20,7 +20,8 @@ from ..omniforcing_core.streaming import (MODES, PROBE_LATENTS_PER_SIDE, decode_
                                          stream_time)
 from .common import CATEGORY, check_audio_vae, check_video_vae, log, preview_image, raise_interrupt, stated_reach
 from .output import output_paths
-from .sampler import core_inputs, encode_start_image, guidance_inputs, plan_run, start_sampler, validate_core
+from .sampler import (core_inputs, encode_given, encode_start_image, given_inputs, guidance_inputs, plan_run,
+                      start_sampler, validate_core)
 
 EVENT = "omniforcing.stream"  # websocket event the page's player listens to (nodes/web/omniforcing_stream.js)
 _reach: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # VAE model -> measured TemporalContext
@@ -82,10 +83,8 @@ class OmniForcingStream(io.ComfyNode):
                         "Cancel keeps everything made so far, playable.",
             inputs=[
                 *core_inputs(seconds_default=10, window_default=4),
-                io.Vae.Input("vae", tooltip="The video VAE: LTX-2's (VAE output of the LTX-2 checkpoint loader) or the "
-                                            "'vae' output of 'OmniForcing Toy Model (embedded)'."),
-                io.Vae.Input("audio_vae", tooltip="The audio VAE: LTX-2's (LTXV Audio VAE Loader) or the 'audio_vae' "
-                                                  "output of 'OmniForcing Toy Model (embedded)'."),
+                io.Vae.Input("vae", tooltip="The LTX-2 video VAE (VAE output of the LTX-2 checkpoint loader)."),
+                io.Vae.Input("audio_vae", tooltip="The LTX-2 audio VAE (LTXV Audio VAE Loader)."),
                 io.String.Input("filename_prefix", default="omniforcing/stream",
                                 tooltip="Where the live files go, inside ComfyUI's output folder: <prefix>_NNNNN_.mp4 "
                                         "and the HLS folder <prefix>_NNNNN__hls/ (index.m3u8 + segments)."),
@@ -99,6 +98,7 @@ class OmniForcingStream(io.ComfyNode):
                                          "IMAGE is the last frame and VIDEO reads the written MP4; audio is always "
                                          "returned."),
                 *guidance_inputs(),
+                *given_inputs(),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="Decoded frames (24 fps)."),
                      io.Audio.Output(display_name="AUDIO", tooltip="Decoded audio."),
@@ -114,7 +114,7 @@ class OmniForcingStream(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, width, height, seconds, seed, steps, window, layout, vae, audio_vae,
                 filename_prefix, decode, keep_frames, negative=None, video_cfg=3.0, audio_cfg=5.0, start_image=None,
-                rebase_rope=False) -> io.NodeOutput:
+                rebase_rope=False, audio=None, video=None, video_fps=24.0) -> io.NodeOutput:
         check_video_vae(vae)
         check_audio_vae(audio_vae)
         rp = plan_run(model, positive, width, height, seconds, seed, steps, window, layout, negative,
@@ -124,12 +124,15 @@ class OmniForcingStream(io.ComfyNode):
         try:
             plan = decode_plan(decode, vae_decoders(vae, audio_vae, time), time)
             first = encode_start_image(vae, start_image, width, height) if start_image is not None else None
-            sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first)
+            given = encode_given(rp, vae, audio_vae, audio, video, video_fps, time)
+            sampler, progress = start_sampler(rp, model, cls.hidden.unique_id, first,
+                                              given.latents if given is not None else None)
         except BaseException:
             writer.close()  # nothing was written: the new names are removed, earlier files stay
             raise
         events = _Events(cls.hidden.unique_id, subfolder, base, rp.clip.num_blocks)
-        run, cancelled = _stream(sampler, plan, writer, events, progress, keep_frames)
+        run, cancelled = _stream(sampler, plan, writer, events, progress, keep_frames,
+                                 given.media if given is not None else None)
         return _outputs(run, writer.summary(), events, keep_frames, cancelled, rp.clip.seconds)
 
 
@@ -177,7 +180,7 @@ class _Cancel:
         return call
 
 
-def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep_frames: bool):
+def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep_frames: bool, given=None):
     """run_stream with the page player's events and the progress bar. A cancel keeps what was made: the
     run ends early and returns it (labelled cancelled); only a cancel before the first frame is an interrupt."""
     events.send("start", seconds=0.0)
@@ -193,7 +196,7 @@ def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep
     try:
         with torch.inference_mode():
             run = run_stream(cancel.blocks(sampler), plan, writer, keep_video=keep_frames,
-                             on_block=cancel.guard(on_block))
+                             on_block=cancel.guard(on_block), given=given)
     except BaseException as e:
         events.send("error", seconds=writer.summary().video_seconds, error=str(e)[:200])
         raise
