@@ -16,6 +16,7 @@ window-relative positions, so a stream can run past RoPE's 20 s range).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,6 +93,25 @@ class StreamCache:
         self._reserved_slots = 0
         self.on_grow = None  # called with the bytes about to be allocated (memory checks)
         self.itemsize = torch.empty((), dtype=dtype).element_size()  # bytes per K/V element
+        self._memo: dict[str, OrderedDict] = {"stream": OrderedDict(), "position": OrderedDict()}
+
+    # -- values a stream derives once (conditioning per sigma, RoPE tables per position) ---------
+    MEMO_STREAM = 16  # distinct sigmas a stream's memo holds (a few-step schedule uses 5)
+
+    def memo(self, key, make, keep=None, lifetime: str = "stream"):
+        """`make()` once per key for this stream, then the same value. `keep`: objects the key names by
+        identity, held with the entry so the identity stays theirs. Bounded: "stream" values (per sigma)
+        keep the latest MEMO_STREAM, "position" values (RoPE tables) as many as blocks the window reads."""
+        store = self._memo[lifetime]
+        if key in store:
+            store.move_to_end(key)
+            return store[key][0]
+        value = make()
+        store[key] = (value, keep)
+        bound = self.MEMO_STREAM if lifetime == "stream" else (self.policy.max_slots or 0) + 2
+        while len(store) > bound:
+            store.popitem(last=False)
+        return value
 
     def reserve(self, num_blocks: int) -> None:
         """Allocate for a known length up front (no regrowth, exact bytes)."""

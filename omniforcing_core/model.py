@@ -22,25 +22,28 @@ from torch import nn
 
 from .cache import BlockView, StreamCache
 from .config import ModelConfig
-from .flow import frame_sigmas
-from .layers import (AdaLayerNormSingle, Attention, AttentionFn, FeedForward, TextProjection, _param, gated,
+from .layers import (AdaLayerNormSingle, Attention, AttentionFn, FeedForward, TextProjection, _param, gated_add,
                      modulate, rms, sdpa_attention)
 from .layout import Block, BlockLayout, DEFAULT_TIME, TimeBase
 from .masks import Masks, cached_masks
 from .ops import default_ops
-from .rope import (RopeTable, apply_rope, audio_cross_table, audio_self_table, cat_tables, video_cross_table,
-                   video_self_table)
+from .rope import (PreparedRope, RopeTable, apply_rope, audio_cross_table, audio_self_table, cat_tables,
+                   video_cross_table, video_self_table)
 from .text import TextKV
+
+
+_FIELDS = ("video_self", "audio_self", "video_cross", "audio_cross")
 
 
 @dataclass
 class Ropes:
-    """RoPE tables for the tokens of one forward (a block or the whole sequence)."""
+    """RoPE tables for the tokens of one forward (a block or the whole sequence): `RopeTable`s as
+    built, or `PreparedRope`s (cast to the compute dtype once, see `prepare`)."""
 
-    video_self: RopeTable
-    audio_self: RopeTable
-    video_cross: RopeTable
-    audio_cross: RopeTable
+    video_self: RopeTable | PreparedRope
+    audio_self: RopeTable | PreparedRope
+    video_cross: RopeTable | PreparedRope
+    audio_cross: RopeTable | PreparedRope
 
     def query(self, kind: str) -> RopeTable:
         return {"video_self": self.video_self, "audio_self": self.audio_self,
@@ -53,6 +56,39 @@ class Ropes:
     def to(self, device, dtype=None) -> "Ropes":
         return Ropes(*(t.to(device, dtype) for t in (self.video_self, self.audio_self, self.video_cross,
                                                     self.audio_cross)))
+
+    def prepare(self, dtype: torch.dtype) -> "Ropes":
+        """Every table in the form `apply_rope` uses at `dtype` (one cast per forward or block, not per call)."""
+        return Ropes(*(getattr(self, f).prepare(dtype) for f in _FIELDS))
+
+    @staticmethod
+    def cat(parts: list["Ropes"]) -> "Ropes":
+        return Ropes(*(cat_tables([getattr(p, f) for p in parts]) for f in _FIELDS))
+
+
+def sigma_rows(sigma, b: int, n: int, device) -> torch.Tensor:
+    """A sigma (number, [B] or [B, F]) as float32 rows: [B, 1] when it is one per sample (broadcast over
+    the frames), [B, F] per latent frame. A number is filled on the device, never copied from the host."""
+    if isinstance(sigma, (int, float)):
+        return torch.full((b, 1), float(sigma), dtype=torch.float32, device=device)
+    s = sigma.to(device=device, dtype=torch.float32)
+    if s.dim() == 0:
+        return s.expand(b)[:, None]
+    if s.dim() == 1:
+        if s.shape[0] != b:
+            raise ValueError(f"sigma shape {tuple(s.shape)} does not match [B={b}]")
+        return s[:, None]
+    if s.shape != (b, n):
+        raise ValueError(f"sigma shape {tuple(s.shape)} does not match [B={b}, frames={n}]")
+    return s
+
+
+def sigma_key(sigma):
+    """A memo key for a sigma: its value for a number, the identity and version of a tensor (no device
+    read: the tensor is kept alive with the memo entry, and an in-place change bumps its version)."""
+    if isinstance(sigma, (int, float)):
+        return ("value", float(sigma))
+    return ("tensor", id(sigma), sigma._version)
 
 
 @dataclass(frozen=True)
@@ -159,6 +195,33 @@ class Conditioning:
     tpf: int  # video tokens per latent frame
 
 
+@dataclass
+class LayerMods:
+    """One layer's AdaLN values for one sigma: its tables + the conditioning, with 1 + scale taken once.
+    Rows are per sample ([B, 1, D], broadcast over the tokens) or per latent frame ([B, F, D])."""
+
+    v_attn: tuple  # (shift, 1 + scale, gate) of video self-attention
+    v_ff: tuple
+    a_attn: tuple
+    a_ff: tuple
+    v_a2v: tuple  # (shift, 1 + scale) of the video side of A2V (queries)
+    v_v2a: tuple  # ... of V2A (keys)
+    a_a2v: tuple
+    a_v2a: tuple
+    gate_a2v: torch.Tensor
+    gate_v2a: torch.Tensor
+
+
+@dataclass
+class StepConditioning:
+    """Everything a forward derives from its sigmas alone, made once per distinct sigma: every layer's
+    modulation values and the output heads' (shift, 1 + scale)."""
+
+    layers: list[LayerMods]
+    v_out: tuple
+    a_out: tuple
+
+
 class DualStreamBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, dtype=None, device=None):
         super().__init__()
@@ -194,19 +257,31 @@ class DualStreamBlock(nn.Module):
     def _text(self, attn: Attention, x, kv, mask, ctx):
         return attn.output(attn.query(x, None), kv[0], kv[1], mask, ctx.attn_fn)
 
-    def forward(self, xv, xa, c: Conditioning, text: TextKV, layer: int, ctx):
-        dt, tpf, eps = xv.dtype, c.tpf, self.eps
+    def modulation(self, c: Conditioning, dt: torch.dtype) -> LayerMods:
+        """This layer's AdaLN values for a conditioning (depends on the sigmas only: made once per sigma)."""
         v_sh, v_sc, v_g, v_sh2, v_sc2, v_g2 = (self.scale_shift_table.to(dt) + c.v_mod).unbind(2)
         a_sh, a_sc, a_g, a_sh2, a_sc2, a_g2 = (self.audio_scale_shift_table.to(dt) + c.a_mod).unbind(2)
+        tv = self.scale_shift_table_a2v_ca_video.to(dt)
+        ta = self.scale_shift_table_a2v_ca_audio.to(dt)
+        v_sc_a2v, v_sh_a2v, v_sc_v2a, v_sh_v2a = (tv[:4] + c.v_cross).unbind(2)
+        a_sc_a2v, a_sh_a2v, a_sc_v2a, a_sh_v2a = (ta[:4] + c.a_cross).unbind(2)
+        return LayerMods((v_sh, 1 + v_sc, v_g), (v_sh2, 1 + v_sc2, v_g2), (a_sh, 1 + a_sc, a_g),
+                         (a_sh2, 1 + a_sc2, a_g2), (v_sh_a2v, 1 + v_sc_a2v), (v_sh_v2a, 1 + v_sc_v2a),
+                         (a_sh_a2v, 1 + a_sc_a2v), (a_sh_v2a, 1 + a_sc_v2a), tv[4] + c.v_gate, ta[4] + c.a_gate)
+
+    def forward(self, xv, xa, m: LayerMods, tpf: int, text: TextKV, layer: int, ctx):
+        eps = self.eps
 
         def video_attn(xv):
-            h = modulate(rms(xv, eps), v_sh, v_sc, tpf)
-            xv = xv + gated(self._attend(self.attn1, h, h, "video_self", layer, ctx), v_g, tpf)
+            sh, sc, g = m.v_attn
+            h = modulate(rms(xv, eps), sh, sc, tpf)
+            xv = gated_add(xv, self._attend(self.attn1, h, h, "video_self", layer, ctx), g, tpf)
             return xv + self._text(self.attn2, rms(xv, eps), text.video[layer], text.mask, ctx)
 
         def audio_attn(xa):
-            h = modulate(rms(xa, eps), a_sh, a_sc, 1)
-            xa = xa + a_g * self._attend(self.audio_attn1, h, h, "audio_self", layer, ctx)
+            sh, sc, g = m.a_attn
+            h = modulate(rms(xa, eps), sh, sc, 1)
+            xa = gated_add(xa, self._attend(self.audio_attn1, h, h, "audio_self", layer, ctx), g, 1)
             return xa + self._text(self.audio_attn2, rms(xa, eps), text.audio[layer], text.mask, ctx)
 
         xv, xa = ctx.pair(video_attn, xv, audio_attn, xa)
@@ -215,21 +290,16 @@ class DualStreamBlock(nn.Module):
         # (ltx-causal, ltx-core: the two directions run in parallel) or, with v2a_norm "after-a2v"
         # (ComfyUI 783545f6), the video re-normalised after the A2V update
         nv, na = rms(xv, eps), rms(xa, eps)
-        tv = self.scale_shift_table_a2v_ca_video.to(dt)
-        ta = self.scale_shift_table_a2v_ca_audio.to(dt)
-        v_sc_a2v, v_sh_a2v, v_sc_v2a, v_sh_v2a = (tv[:4] + c.v_cross).unbind(2)
-        a_sc_a2v, a_sh_a2v, a_sc_v2a, a_sh_v2a = (ta[:4] + c.a_cross).unbind(2)
-        gate_a2v, gate_v2a = tv[4] + c.v_gate, ta[4] + c.a_gate
 
         def a2v(xv):
-            out = self._attend(self.audio_to_video_attn, modulate(nv, v_sh_a2v, v_sc_a2v, tpf),
-                               modulate(na, a_sh_a2v, a_sc_a2v, 1), "a2v", layer, ctx)
-            return xv + gated(out, gate_a2v, tpf)
+            out = self._attend(self.audio_to_video_attn, modulate(nv, *m.v_a2v, tpf), modulate(na, *m.a_a2v, 1),
+                               "a2v", layer, ctx)
+            return gated_add(xv, out, m.gate_a2v, tpf)
 
         def v2a(xa, nv=nv):
-            out = self._attend(self.video_to_audio_attn, modulate(na, a_sh_v2a, a_sc_v2a, 1),
-                               modulate(nv, v_sh_v2a, v_sc_v2a, tpf), "v2a", layer, ctx)
-            return xa + gate_v2a * out
+            out = self._attend(self.video_to_audio_attn, modulate(na, *m.a_v2a, 1), modulate(nv, *m.v_v2a, tpf),
+                               "v2a", layer, ctx)
+            return gated_add(xa, out, m.gate_v2a, 1)
 
         if self.v2a_after_a2v:
             xv = a2v(xv)
@@ -238,10 +308,12 @@ class DualStreamBlock(nn.Module):
             xv, xa = ctx.pair(a2v, xv, v2a, xa)
 
         def video_ff(xv):
-            return xv + gated(self.ff(modulate(rms(xv, eps), v_sh2, v_sc2, tpf)), v_g2, tpf)
+            sh, sc, g = m.v_ff
+            return gated_add(xv, self.ff(modulate(rms(xv, eps), sh, sc, tpf)), g, tpf)
 
         def audio_ff(xa):
-            return xa + a_g2 * self.audio_ff(modulate(rms(xa, eps), a_sh2, a_sc2, 1))
+            sh, sc, g = m.a_ff
+            return gated_add(xa, self.audio_ff(modulate(rms(xa, eps), sh, sc, 1)), g, 1)
 
         return ctx.pair(video_ff, xv, audio_ff, xa)
 
@@ -327,35 +399,53 @@ class OmniForcingTransformer(nn.Module):
 
     # -- rope --------------------------------------------------------------------------------------
     def ropes_for(self, video_latents: range, audio_latents: range, grid_hw: tuple[int, int], sinks: int) -> Ropes:
-        cfg, t = self.config, self.time
+        """The RoPE tables of these latents, built on the model's device (no host round trip)."""
+        cfg, t, dev = self.config, self.time, self.device
         tpl = grid_hw[0] * grid_hw[1]
-        r = Ropes(
-            video_self_table(video_latents, grid_hw, t, cfg.video_dim, cfg.video_heads, cfg.rope),
-            audio_self_table(audio_latents, sinks, t, cfg.audio_dim, cfg.audio_heads, cfg.rope),
-            video_cross_table(video_latents, tpl, t, cfg.cross_dim, cfg.audio_heads, cfg.rope),
-            audio_cross_table(audio_latents, sinks, t, cfg.cross_dim, cfg.audio_heads, cfg.rope),
+        return Ropes(
+            video_self_table(video_latents, grid_hw, t, cfg.video_dim, cfg.video_heads, cfg.rope, dev),
+            audio_self_table(audio_latents, sinks, t, cfg.audio_dim, cfg.audio_heads, cfg.rope, dev),
+            video_cross_table(video_latents, tpl, t, cfg.cross_dim, cfg.audio_heads, cfg.rope, dev),
+            audio_cross_table(audio_latents, sinks, t, cfg.cross_dim, cfg.audio_heads, cfg.rope, dev),
         )
-        return r.to(self.device)
 
     def _block_ropes(self, b: Block, grid_hw) -> Ropes:
         return self.ropes_for(range(b.video_start, b.video_end), range(b.audio_start, b.audio_end), grid_hw, b.sinks)
 
-    def prepare_block(self, cache: StreamCache, block: Block, grid_hw: tuple[int, int]) -> BlockRopes:
-        """Start a block in the cache and build its RoPE tables from the cache's view of it."""
+    def prepare_block(self, cache: StreamCache, block: Block, grid_hw: tuple[int, int],
+                      dtype: Optional[torch.dtype] = None) -> BlockRopes:
+        """Start a block in the cache and build its RoPE tables from the cache's view of it, prepared for
+        the compute dtype (default: the cache's) once for the block's forwards. The tables of each position
+        are built once per stream (the cache keeps them while the block is in it)."""
+        dt = dtype or cache.dtype
         view: BlockView = cache.begin_block(block)
         layout = cache.layout
-        own = self._block_ropes(layout.block(view.position_block(block.index)), grid_hw)
+
+        def tables(j: int) -> Ropes:
+            return cache.memo(("rope", j, tuple(grid_hw)),
+                              lambda: self._block_ropes(layout.block(j), grid_hw), lifetime="position")
+
+        own = tables(view.position_block(block.index)).prepare(dt)
         if not view.rebase_rope:
             return BlockRopes(own)
-        parts = [self._block_ropes(layout.block(view.position_block(j)), grid_hw) for j in view.key_blocks]
-        read = Ropes(*(cat_tables([getattr(p, f) for p in parts])
-                       for f in ("video_self", "audio_self", "video_cross", "audio_cross")))
+        read = Ropes.cat([tables(view.position_block(j)) for j in view.key_blocks]).prepare(dt)
         return BlockRopes(own, read)
 
     # -- forward -----------------------------------------------------------------------------------
-    def _conditioning(self, video_sigma, audio_sigma, sinks: int, tpf: int, dt: torch.dtype) -> Conditioning:
+    def _conditioning(self, video_sigma, audio_sigma, sinks: int, tpf: int, dt: torch.dtype,
+                      rows: Optional[tuple[int, int]] = None) -> Conditioning:
+        """AdaLN values of per-frame sigmas ([B, F]) or per-sample ones ([B, 1]). `rows` = (video frames, audio
+        tokens incl. sinks) of the forward: per-sample sigmas are evaluated one row per frame all the same,
+        because a matrix multiply rounds each row by its position and a sigma given per sample must give the
+        bits of the same sigma given per frame. The block loop makes this once per distinct sigma for the
+        whole stream (`forward_block` memoises it in the cache), so the rows cost nothing per call."""
         cfg = self.config
-        if sinks:  # sink tokens take the first audio frame's timestep
+        one_v, one_a = video_sigma.shape[1] == 1, audio_sigma.shape[1] == 1
+        if rows is not None:
+            video_sigma = video_sigma.expand(-1, rows[0]) if one_v else video_sigma
+            audio_sigma = audio_sigma.expand(-1, rows[1]) if one_a else audio_sigma
+        if sinks and audio_sigma.shape[1] != (rows[1] if rows is not None else -1):
+            # sink tokens take the first audio frame's timestep
             audio_sigma = torch.cat([audio_sigma[:, :1].expand(-1, sinks), audio_sigma], 1)
         ts = cfg.timestep_scale_multiplier
         vt, at = video_sigma * ts, audio_sigma * ts  # [B, Fv], [B, Na] (float32, as every reference scales)
@@ -377,23 +467,39 @@ class OmniForcingTransformer(nn.Module):
         a_gate, _ = self.av_ca_v2a_gate_adaln_single(a_in * factor, dt)
         return Conditioning(v_mod, a_mod, v_cross, a_cross, v_gate[:, :, 0], a_gate[:, :, 0], v_emb, a_emb, tpf)
 
-    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype):
+    def step_conditioning(self, video_sigma: torch.Tensor, audio_sigma: torch.Tensor, sinks: int,
+                          dt: torch.dtype, rows: tuple[int, int]) -> StepConditioning:
+        """Every layer's modulation values and the output heads' for these sigma rows ([B, F] or [B, 1]);
+        rows: (video frames, audio tokens incl. sinks) of the forward (see `_conditioning`)."""
+        c = self._conditioning(video_sigma, audio_sigma, sinks, 0, dt, rows)
+        layers = [blk.modulation(c, dt) for blk in self.transformer_blocks]
+        sh, sc = (self.scale_shift_table.to(dt)[None, None] + c.v_emb[:, :, None]).unbind(2)
+        ash, asc = (self.audio_scale_shift_table.to(dt)[None, None] + c.a_emb[:, :, None]).unbind(2)
+        return StepConditioning(layers, (sh, 1 + sc), (ash, 1 + asc))
+
+    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype,
+             memo: Optional[StreamCache] = None):
         b, c, f, h, w = video.shape
         t_a = audio.shape[2]
-        vs = frame_sigmas(video_sigma, b, f, video.device)
-        as_ = frame_sigmas(audio_sigma, b, t_a, video.device)
+        vs = sigma_rows(video_sigma, b, f, video.device)
+        as_ = sigma_rows(audio_sigma, b, t_a, video.device)
         xv = self.patchify_proj(video.to(dt).permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
         xa = self.audio_patchify_proj(audio.to(dt).permute(0, 2, 1, 3).reshape(b, t_a, -1))
         if sinks:
             xa = torch.cat([self.audio_sink_tokens.to(dt).expand(b, -1, -1), xa], 1)
-        cond = self._conditioning(vs, as_, sinks, h * w, dt)
+        rows = (f, t_a + sinks)
+        if memo is None:
+            cond = self.step_conditioning(vs, as_, sinks, dt, rows)
+        else:  # made once per distinct sigma for the whole stream
+            key = ("cond", sigma_key(video_sigma), sigma_key(audio_sigma), b, rows, sinks, dt)
+            cond = memo.memo(key, lambda: self.step_conditioning(vs, as_, sinks, dt, rows),
+                             keep=(video_sigma, audio_sigma))
+        tpf = h * w
         for i, blk in enumerate(self.transformer_blocks):
-            xv, xa = blk(xv, xa, cond, text, i, ctx)
+            xv, xa = blk(xv, xa, cond.layers[i], tpf, text, i, ctx)
         eps = self.config.norm_eps
-        sh, sc = (self.scale_shift_table.to(dt)[None, None] + cond.v_emb[:, :, None]).unbind(2)
-        yv = self.proj_out(modulate(F.layer_norm(xv, (xv.shape[-1],), eps=eps), sh, sc, h * w))
-        sh, sc = (self.audio_scale_shift_table.to(dt)[None, None] + cond.a_emb[:, :, None]).unbind(2)
-        ya = self.audio_proj_out(modulate(F.layer_norm(xa, (xa.shape[-1],), eps=eps), sh, sc, 1))[:, sinks:]
+        yv = self.proj_out(modulate(F.layer_norm(xv, (xv.shape[-1],), eps=eps), *cond.v_out, tpf))
+        ya = self.audio_proj_out(modulate(F.layer_norm(xa, (xa.shape[-1],), eps=eps), *cond.a_out, 1))[:, sinks:]
         yv = yv.view(b, f, h, w, -1).permute(0, 4, 1, 2, 3)
         ya = ya.view(b, t_a, audio.shape[1], audio.shape[3]).permute(0, 2, 1, 3)
         return yv, ya
@@ -409,19 +515,23 @@ class OmniForcingTransformer(nn.Module):
         if layout is not None:
             self.check_layout(layout)
             masks = cached_masks(layout, f, t_a, grid[0] * grid[1], str(video.device), window)
-        ropes = self.ropes_for(range(f), range(t_a), grid, sinks)
+        dt = runtime.dtype_of(self)
+        ropes = self.ropes_for(range(f), range(t_a), grid, sinks).prepare(dt)
         ctx = FullAttention(masks, ropes, runtime, self.device)
-        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, sinks, runtime.dtype_of(self))
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, sinks, dt)
 
     def forward_block(self, video, audio, video_sigma, audio_sigma, text: TextKV, cache: StreamCache,
                       ropes: BlockRopes, runtime: Runtime = Runtime()):
-        """One block (the one `prepare_block` started) against the stream cache."""
+        """One block (the one `prepare_block` started) against the stream cache. Sigmas: a number, per
+        sample [B] or per latent frame [B, F]; the conditioning of each distinct sigma is made once per
+        stream (kept by the cache, keyed by the number, or by the identity of the tensor)."""
         blk = cache.block
         if video.shape[2] != blk.video_len or audio.shape[2] != blk.audio_len:
             raise ValueError(f"block {blk.index} holds {blk.video_len} video / {blk.audio_len} audio latents, "
                              f"got {video.shape[2]} / {audio.shape[2]}")
         ctx = CachedAttention(cache, ropes, runtime, self.device)
-        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks, runtime.dtype_of(self))
+        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks, runtime.dtype_of(self),
+                         memo=cache)
 
     def new_cache(self, layout: BlockLayout, grid_hw: tuple[int, int], policy=None, batch: int = 1,
                   dtype: Optional[torch.dtype] = None) -> StreamCache:

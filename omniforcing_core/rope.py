@@ -89,9 +89,66 @@ class RopeTable:
     def slice(self, start: int, end: int) -> "RopeTable":
         return RopeTable(self.cos[start:end], self.sin[start:end], self.kind)
 
+    def prepare(self, dtype: torch.dtype) -> "PreparedRope":
+        """The table in the form `apply_rope` uses at compute dtype `dtype`, made once per block rather
+        than at every attention call (see `PreparedRope`)."""
+        return PreparedRope.of(self, dtype)
+
+
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+@dataclass
+class PreparedRope:
+    """A `RopeTable` cast to the compute dtype once, in the form that rotates with the fewest passes:
+      * interleaved, float32/float64: one complex factor per pair, so the rotation is one complex
+        multiply (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin) - the definition;
+      * otherwise (bf16/fp16, or split): cos and a signed sin (the sign of the rotation folded in), so
+        the rotation is x * cos + swap(x) * signed_sin."""
+
+    kind: str
+    cos: Optional[torch.Tensor] = None
+    signed_sin: Optional[torch.Tensor] = None
+    factor: Optional[torch.Tensor] = None  # complex [T, D/2] (interleaved, float32/float64)
+
+    @staticmethod
+    def of(table: RopeTable, dtype: torch.dtype) -> "PreparedRope":
+        cos, sin = table.cos, table.sin
+        if table.kind == "interleaved" and dtype in _COMPLEX:
+            cdt = _COMPLEX[dtype]
+            return PreparedRope(table.kind, factor=torch.complex(cos[..., 0::2].to(dtype), sin[..., 0::2].to(dtype)).to(cdt))
+        if table.kind == "interleaved":  # pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+            signed = torch.stack([-sin[..., 0::2], sin[..., 1::2]], -1).flatten(-2)
+        else:  # per head halves (a, c) -> (a cos - c sin, c cos + a sin)
+            signed = torch.cat([-sin, sin], -1)
+            cos = torch.cat([cos, cos], -1)
+        return PreparedRope(table.kind, cos.to(dtype), signed.to(dtype))
+
+    @property
+    def length(self) -> int:
+        return (self.factor if self.factor is not None else self.cos).shape[0]
+
+    def slice(self, start: int, end: int) -> "PreparedRope":
+        cut = lambda t: None if t is None else t[start:end]  # noqa: E731
+        return PreparedRope(self.kind, cut(self.cos), cut(self.signed_sin), cut(self.factor))
+
 
 def cat_tables(tables: Sequence[RopeTable]) -> RopeTable:
+    if len(tables) == 1:
+        return tables[0]
     return RopeTable(torch.cat([t.cos for t in tables]), torch.cat([t.sin for t in tables]), tables[0].kind)
+
+
+_FREQS: dict = {}
+
+
+def frequencies_on(n_axes: int, dim: int, cfg: RopeConfig, device) -> torch.Tensor:
+    """`frequencies` computed once on the host (the references' exact float32 grid) and kept on `device`:
+    the block loop builds its tables there without a host-to-device copy."""
+    key = (n_axes, dim, cfg.theta, cfg.precision, torch.device(device))
+    if key not in _FREQS:
+        _FREQS[key] = frequencies(n_axes, dim, cfg).to(device)
+    return _FREQS[key]
 
 
 def frequencies(n_axes: int, dim: int, cfg: RopeConfig) -> torch.Tensor:
@@ -112,7 +169,8 @@ def table_from_fractions(frac: torch.Tensor, dim: int, heads: int, cfg: RopeConf
     """frac: [T, n_axes] fractional positions (position / max_pos), rounded to float32 if wider.
     Angles, cos and sin in float32 as every reference computes them. Returns the table for `dim`."""
     t, n_axes = frac.shape
-    omega = frequencies(n_axes, dim, cfg)  # [n]
+    device = frac.device
+    omega = frequencies_on(n_axes, dim, cfg, device)  # [n]
     frac = frac.to(torch.float32)
     # angles ordered [omega_0 on every axis, omega_1 on every axis, ...]
     ang = (omega[None, :, None] * (frac[:, None, :] * 2 - 1)).reshape(t, -1)  # [T, n*axes]
@@ -123,7 +181,7 @@ def table_from_fractions(frac: torch.Tensor, dim: int, heads: int, cfg: RopeConf
     pad = width - ang.shape[1] * (2 if interleaved else 1)  # identity dims, first
     out = []
     for fn, fill in ((torch.cos, 1.0), (torch.sin, 0.0)):
-        tab = torch.full((t, width), fill, dtype=cfg.grid_dtype)
+        tab = torch.full((t, width), fill, dtype=cfg.grid_dtype, device=device)
         vals = fn(ang)  # float32, as every reference
         if interleaved:  # each angle rotates one adjacent pair
             tab[:, pad:].view(t, -1, 2).copy_(vals[:, :, None].expand(-1, -1, 2))
@@ -133,21 +191,21 @@ def table_from_fractions(frac: torch.Tensor, dim: int, heads: int, cfg: RopeConf
     return RopeTable(out[0], out[1], cfg.kind)
 
 
-def identity_table(n: int, dim: int, heads: int, kind: str, dtype=torch.float32) -> RopeTable:
+def identity_table(n: int, dim: int, heads: int, kind: str, dtype=torch.float32, device=None) -> RopeTable:
     """cos = 1, sin = 0: position-free tokens (audio sinks)."""
     if kind == "interleaved":
         shape = (n, dim)
     else:
         shape = (n, heads, dim // (2 * heads))
-    return RopeTable(torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), kind)
+    return RopeTable(torch.ones(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device), kind)
 
 
 # -- physical positions -----------------------------------------------------------------------
 
-def latent_bounds(codec: CodecTime, latents: range, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_bounds(codec: CodecTime, latents: range, causal: bool = True, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """[start, end) of each latent in decoded frames (pixel or mel), float32 (exact integers).
     causal: latent 0 holds one frame (LTX-2's causal codecs); else every latent holds `stride`."""
-    lat = torch.arange(latents.start, latents.stop, dtype=torch.int64)
+    lat = torch.arange(latents.start, latents.stop, dtype=torch.int64, device=device)
     s = codec.stride
     if causal:
         return ((lat * s + 1 - s).clamp(min=0).to(torch.float32), ((lat + 1) * s + 1 - s).clamp(min=0).to(torch.float32))
@@ -158,10 +216,12 @@ def _seconds(frames: torch.Tensor, rate: float, reciprocal: bool) -> torch.Tenso
     return frames * (1.0 / rate) if reciprocal else frames / rate
 
 
-def latent_seconds(codec: CodecTime, latents: range, cfg: RopeConfig, *, video: bool, where: str) -> torch.Tensor:
+def latent_seconds(codec: CodecTime, latents: range, cfg: RopeConfig, *, video: bool, where: str,
+                   device=None) -> torch.Tensor:
     """Position (s, float32) of each latent, rounded in the order `cfg.arithmetic` names. where: "middle"
-    of the bounds or their "start". Video's first latent follows `cfg.causal_fix`; audio is always causal."""
-    s, e = latent_bounds(codec, latents, cfg.causal_fix if video else True)
+    of the bounds or their "start". Video's first latent follows `cfg.causal_fix`; audio is always causal.
+    Every op is an exactly rounded float32 add/multiply/divide, so any device gives the same bits."""
+    s, e = latent_bounds(codec, latents, cfg.causal_fix if video else True, device)
     rate = codec.frame_rate
     recip = video and cfg.arithmetic == "comfyui"  # ComfyUI: pixel frame * (1.0 / frame_rate)
     if where == "start":
@@ -171,80 +231,96 @@ def latent_seconds(codec: CodecTime, latents: range, cfg: RopeConfig, *, video: 
     return (_seconds(s, rate, recip) + _seconds(e, rate, recip)) / 2.0
 
 
-def _pixel_fractions(n: int, stride: int, max_pos: float, where: str) -> torch.Tensor:
-    px = torch.arange(n, dtype=torch.float32) * stride
+def _pixel_fractions(n: int, stride: int, max_pos: float, where: str, device=None) -> torch.Tensor:
+    px = torch.arange(n, dtype=torch.float32, device=device) * stride
     if where == "middle":
         px = px + stride / 2.0  # (start + end) / 2.0 of integer bounds: exact in every reference's order
     return px / max_pos
 
 
-def video_fractions(latents: range, grid_hw: tuple[int, int], time: TimeBase, cfg: RopeConfig) -> torch.Tensor:
+def video_fractions(latents: range, grid_hw: tuple[int, int], time: TimeBase, cfg: RopeConfig,
+                    device=None) -> torch.Tensor:
     """[F*H*W, 3] (t, y, x) float32 fractions; token order f-major then h then w (patchify order)."""
     h, w = grid_hw
     s = time.spatial_stride
-    t = latent_seconds(time.video, latents, cfg, video=True, where=cfg.positions) / cfg.max_pos[0]
-    y = _pixel_fractions(h, s, cfg.max_pos[1], cfg.positions)
-    x = _pixel_fractions(w, s, cfg.max_pos[2], cfg.positions)
+    t = latent_seconds(time.video, latents, cfg, video=True, where=cfg.positions, device=device) / cfg.max_pos[0]
+    y = _pixel_fractions(h, s, cfg.max_pos[1], cfg.positions, device)
+    x = _pixel_fractions(w, s, cfg.max_pos[2], cfg.positions, device)
     tt, yy, xx = torch.meshgrid(t, y, x, indexing="ij")
     return torch.stack([tt, yy, xx], -1).reshape(-1, 3)
 
 
-def video_self_table(latents: range, grid_hw, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
-    return table_from_fractions(video_fractions(latents, grid_hw, time, cfg), dim, heads, cfg)
+def video_self_table(latents: range, grid_hw, time: TimeBase, dim: int, heads: int, cfg: RopeConfig,
+                     device=None) -> RopeTable:
+    return table_from_fractions(video_fractions(latents, grid_hw, time, cfg, device), dim, heads, cfg)
 
 
-def sink_times(sinks: int, time: TimeBase) -> torch.Tensor:
+def sink_times(sinks: int, time: TimeBase, device=None) -> torch.Tensor:
     """Times (s) of the "incremental" sink positions: one audio latent apart, ending just before 0."""
-    return -torch.arange(sinks, 0, -1, dtype=torch.float64) / time.audio.latent_rate
+    return -torch.arange(sinks, 0, -1, dtype=torch.float64, device=device) / time.audio.latent_rate
 
 
 def _sink_table(sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig, max_pos: float,
-                dtype) -> RopeTable:
+                dtype, device=None) -> RopeTable:
     if cfg.sink_positions == "incremental":
-        return table_from_fractions((sink_times(sinks, time) / max_pos)[:, None], dim, heads, cfg)
-    return identity_table(sinks, dim, heads, cfg.kind, dtype)
+        return table_from_fractions((sink_times(sinks, time, device) / max_pos)[:, None], dim, heads, cfg)
+    return identity_table(sinks, dim, heads, cfg.kind, dtype, device)
 
 
-def audio_self_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
-    secs = latent_seconds(time.audio, latents, cfg, video=False, where=cfg.positions)
+def audio_self_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig,
+                     device=None) -> RopeTable:
+    secs = latent_seconds(time.audio, latents, cfg, video=False, where=cfg.positions, device=device)
     tab = table_from_fractions((secs / cfg.audio_max_pos)[:, None], dim, heads, cfg)
     if sinks:
-        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cfg.audio_max_pos, tab.cos.dtype), tab])
+        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cfg.audio_max_pos, tab.cos.dtype, device), tab])
     return tab
 
 
 def video_cross_table(latents: range, tokens_per_latent: int, time: TimeBase, dim: int, heads: int,
-                      cfg: RopeConfig) -> RopeTable:
+                      cfg: RopeConfig, device=None) -> RopeTable:
     """1-D temporal rope for the video side of A2V/V2A (middle of the bounds), shared by a frame's tokens."""
     cross_max = max(cfg.max_pos[0], cfg.audio_max_pos)
-    secs = latent_seconds(time.video, latents, cfg, video=True, where="middle")
+    secs = latent_seconds(time.video, latents, cfg, video=True, where="middle", device=device)
     tab = table_from_fractions((secs / cross_max)[:, None], dim, heads, cfg)
     rep = lambda a: a.repeat_interleave(tokens_per_latent, dim=0)  # noqa: E731
     return RopeTable(rep(tab.cos), rep(tab.sin), tab.kind)
 
 
-def audio_cross_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig) -> RopeTable:
+def audio_cross_table(latents: range, sinks: int, time: TimeBase, dim: int, heads: int, cfg: RopeConfig,
+                      device=None) -> RopeTable:
     cross_max = max(cfg.max_pos[0], cfg.audio_max_pos)
-    secs = latent_seconds(time.audio, latents, cfg, video=False, where="middle")
+    secs = latent_seconds(time.audio, latents, cfg, video=False, where="middle", device=device)
     tab = table_from_fractions((secs / cross_max)[:, None], dim, heads, cfg)
     if sinks:
-        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cross_max, tab.cos.dtype), tab])
+        tab = cat_tables([_sink_table(sinks, time, dim, heads, cfg, cross_max, tab.cos.dtype, device), tab])
     return tab
 
 
 # -- application ------------------------------------------------------------------------------
 
-def apply_rope(x: torch.Tensor, table: Optional[RopeTable]) -> torch.Tensor:
-    """Rotate x [B, T, D] (D = heads * head_dim) by a table of T rows; None is the identity."""
+def _pairs_viewable(x: torch.Tensor) -> bool:
+    """x [B, T, D] can be viewed as complex pairs in place (unit last stride, even other strides/offset)."""
+    return x.stride(-1) == 1 and x.stride(0) % 2 == 0 and x.stride(1) % 2 == 0 and x.storage_offset() % 2 == 0
+
+
+def apply_rope(x: torch.Tensor, table: Optional[RopeTable | PreparedRope]) -> torch.Tensor:
+    """Rotate x [B, T, D] (D = heads * head_dim) by a table of T rows; None is the identity. A `RopeTable`
+    is prepared for x's dtype on the spot; the block loop passes tables prepared once per block."""
     if table is None:
         return x
-    cos, sin = table.cos.to(x.dtype), table.sin.to(x.dtype)
-    if table.kind == "interleaved":
-        x2 = x.unflatten(-1, (-1, 2))
-        rot = torch.stack([-x2[..., 1], x2[..., 0]], -1).flatten(-2)
-        return x * cos + rot * sin
+    if isinstance(table, RopeTable):
+        table = table.prepare(x.dtype)
     b, t, d = x.shape
-    heads = cos.shape[1]
+    if table.factor is not None and table.factor.dtype == _COMPLEX.get(x.dtype) and _pairs_viewable(x):
+        xc = torch.view_as_complex(x.view(b, t, d // 2, 2))
+        return torch.view_as_real(xc * table.factor).view(b, t, d)
+    if table.factor is not None:  # an odd dtype or layout: the real form of the same rotation
+        table = PreparedRope(table.kind, torch.view_as_real(table.factor)[..., 0].repeat_interleave(2, -1).to(x.dtype),
+                             torch.stack([-table.factor.imag, table.factor.imag], -1).flatten(-2).to(x.dtype))
+    if table.kind == "interleaved":
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return torch.addcmul(x * table.cos, swapped, table.signed_sin)
+    heads = table.cos.shape[1]
     xs = x.view(b, t, heads, 2, -1)
-    a, c = xs[..., 0, :], xs[..., 1, :]
-    return torch.stack([a * cos - c * sin, c * cos + a * sin], -2).reshape(b, t, d)
+    swapped = xs.flip(-2).reshape(b, t, heads, -1)
+    return torch.addcmul(x.view(b, t, heads, -1) * table.cos, swapped, table.signed_sin).view(b, t, d)

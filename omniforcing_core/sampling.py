@@ -288,6 +288,7 @@ class Sampler:
         self.should_stop, self.on_step = should_stop, on_step
         self._texts: dict[int, TextKV] = {}
         self._prompt_index = 0
+        self._sigma_tensors: dict[tuple, AV] = {}  # see sigmas()
         # latents, noise and x0 live in at least float32 (fp64 models stay fp64 for exactness tests)
         self.work_dtype = torch.promote_types(runtime.dtype_of(model), torch.float32)
 
@@ -309,9 +310,13 @@ class Sampler:
         return AV(block_noise(c.seed, block.index, "video", step, c.video_shape(block), dev, dt),
                   block_noise(c.seed, block.index, "audio", step, c.audio_shape(block), dev, dt))
 
-    def sigmas(self, block: Block, sigma: float) -> AV:
+    def sigmas(self, block: Block, sigma: float, doubled: bool = False) -> AV:
         """Per-frame video sigmas (0 for a given first frame) and per-sample audio sigmas; 0 for a given
-        modality."""
+        modality; `doubled`: the CFG batch's. Made on the device once per stream for each kind of block and
+        never changed: the model does its per-sigma work once per distinct sigma tensor."""
+        key = (float(sigma), block.video_len, self.first_frame is not None and block.index == 0, doubled)
+        if key in self._sigma_tensors:
+            return self._sigma_tensors[key]
         b, dev = self.clip.batch, self.model.device
         video = torch.full((b, block.video_len), float(sigma), device=dev)
         if self.first_frame is not None and block.index == 0:
@@ -319,7 +324,8 @@ class Sampler:
         audio = torch.full((b,), float(sigma), device=dev)
         if self.given is not None:
             (video if self.given.modality == "video" else audio).zero_()
-        return AV(video, audio)
+        self._sigma_tensors[key] = AV(video, audio).map(twice) if doubled else AV(video, audio)
+        return self._sigma_tensors[key]
 
     def hold_given(self, block: Block, x: AV) -> AV:
         """`x` with the clean latents that are given in place: the first frame, a given modality."""
@@ -336,8 +342,8 @@ class Sampler:
         """x0 of the block at noise level sigma (CFG when guided)."""
         x = self.hold_given(block, x)
 
-        def velocity(xx: AV, ss: AV) -> AV:
-            return self.backend.velocity(xx, ss, text)
+        def velocity(xx: AV, ss: AV) -> AV:  # with CFG, the batch's sigmas as made once (equal to ss)
+            return self.backend.velocity(xx, self.sigmas(block, sigma, True) if self.guidance else ss, text)
         x0 = predict_x0(velocity, x, self.sigmas(block, sigma), self.guidance.scale if self.guidance else None,
                         self.work_dtype)
         return self.hold_given(block, x0)
@@ -351,9 +357,9 @@ class Sampler:
         ctx = x0.map(torch.Tensor.detach)
         if cs > 0:
             ctx = self.renoise(block, ctx, CONTEXT_STEP, cs)
-        sigma = self.sigmas(block, cs)
+        sigma = self.sigmas(block, cs, doubled=self.guidance is not None)
         if self.guidance:
-            ctx, sigma = ctx.map(twice), sigma.map(twice)  # the CFG batch
+            ctx = ctx.map(twice)  # the CFG batch
         self.backend.commit(block, ctx, sigma, text)
 
     # -- the block loop --------------------------------------------------------------------------

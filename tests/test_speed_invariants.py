@@ -1,0 +1,212 @@
+"""Work the block loop does once, and host round trips it does not make (issue 15, items 1-2).
+
+Counted, not timed: AdaLN MLPs run once per distinct sigma for a whole stream (not per call, not per
+block); a steady block's forwards on a device never read host tensors and never sync (run on the `meta`
+device, where any host tensor entering a device op is seen and any read of a value raises); dtype casts
+per forward do not grow with the number of layers (RoPE tables and AdaLN tables are cast once per block /
+per sigma, not per attention call); the fused ops equal their definitions. Speed itself is measured by
+`python -m omniforcing_core bench`, never asserted here.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from omniforcing_core.cache import CachePolicy
+from omniforcing_core.config import TINY
+from omniforcing_core.embedded import random_model, toy_text
+from omniforcing_core.layers import AdaLayerNormSingle, gated_add, gelu_tanh, modulate
+from omniforcing_core.layout import make_clip, make_layout
+from omniforcing_core.rope import RopeConfig, apply_rope, audio_self_table, video_self_table
+from omniforcing_core.layout import DEFAULT_TIME
+from omniforcing_core.sampling import Sampler
+from omniforcing_core.schedule import make_schedule
+
+
+class _Ops(TorchDispatchMode):
+    """Records every ATen op with its tensor arguments' devices and dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, ins, out))
+        return out
+
+
+def _adaln_calls(model) -> list:
+    calls = []
+    for m in model.modules():
+        if isinstance(m, AdaLayerNormSingle):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("policy", [CachePolicy(), CachePolicy(window=1)])
+def test_adaln_runs_once_per_distinct_sigma_for_the_whole_stream(policy):
+    """6 AdaLN MLPs x (4 sigmas + the refresh's 0) x 2 block shapes (the 4-latent first block, the 3-latent
+    others), however long the stream: 60 calls for 3 blocks and for 6."""
+    sched = make_schedule()
+    distinct = (len(sched.sigmas) + 1) * 2
+    counts = {}
+    for n in (3, 6):
+        model = random_model(TINY, seed=0)
+        calls = _adaln_calls(model)
+        clip = make_clip(make_layout("v2"), 64, 96, num_blocks=n)
+        with torch.no_grad():
+            list(Sampler(model, clip, toy_text(model, "x"), policy=policy))
+        counts[n] = len(calls)
+    assert counts == {3: 6 * distinct, 6: 6 * distinct}
+
+
+def test_memoised_conditioning_follows_the_sigma_not_a_stale_entry():
+    """The per-sigma memo is keyed by a number's value or a tensor's identity and version: the same
+    tensor changed in place, or another value, is computed afresh (equal to a cache that never saw it)."""
+    model = random_model(TINY, seed=1, dtype=torch.float64)
+    text = toy_text(model, "y")
+    clip = make_clip(make_layout("v2"), 64, 96, num_blocks=2)
+    v = torch.randn(clip.video_shape(clip.layout.block(0)), dtype=torch.float64)
+    a = torch.randn(clip.audio_shape(clip.layout.block(0)), dtype=torch.float64)
+
+    def fresh(sv, sa):
+        cache = model.new_cache(clip.layout, clip.grid)
+        return model.forward_block(v, a, sv, sa, text, cache, model.prepare_block(cache, clip.layout.block(0),
+                                                                                   clip.grid))
+    cache = model.new_cache(clip.layout, clip.grid)
+    ropes = model.prepare_block(cache, clip.layout.block(0), clip.grid)
+    s = torch.full((1,), 0.7)
+    first = model.forward_block(v, a, s, s, text, cache, ropes)
+    s.fill_(0.3)  # same tensor, new value
+    second = model.forward_block(v, a, s, s, text, cache, ropes)
+    third = model.forward_block(v, a, 0.3, 0.3, text, cache, ropes)
+    assert torch.equal(first[0], fresh(torch.full((1,), 0.7), torch.full((1,), 0.7))[0])
+    assert torch.equal(second[0], fresh(torch.full((1,), 0.3), torch.full((1,), 0.3))[0])
+    assert torch.equal(third[0], second[0]) and not torch.allclose(first[0], second[0])
+
+
+def _steady_blocks_on_meta(model, policy, host_table: bool = False):
+    """prepare_block + 4 denoising forwards + the refresh of blocks 3..5 on the meta device; returns the
+    ops of the steady blocks that read a host (CPU) tensor."""
+    clip = make_clip(make_layout("v2"), 64, 96, num_blocks=6)
+    text = model.text_kv(torch.zeros(1, 5, 24, device="meta"), torch.zeros(1, 5, 24, device="meta"))
+    cache = model.new_cache(clip.layout, clip.grid, policy)
+    sig = {n: {s: (torch.full((1, n), s, device="meta"), torch.full((1,), s, device="meta"))
+               for s in (*make_schedule().sigmas, 0.0)} for n in (3, 4)}
+    rec = _Ops()
+    for blk in clip.blocks():
+        steady = blk.index >= 3
+        if steady:
+            rec.__enter__()
+        try:
+            ropes = model.prepare_block(cache, blk, clip.grid)
+            if host_table and steady:  # negative control: a table made on the host and copied over
+                ropes.own.audio_self = audio_self_table(range(blk.audio_start, blk.audio_end), 0, DEFAULT_TIME,
+                                                        model.config.audio_dim, model.config.audio_heads,
+                                                        model.config.rope).to("meta").prepare(torch.float32)
+            v = torch.zeros(clip.video_shape(blk), device="meta")
+            a = torch.zeros(clip.audio_shape(blk), device="meta")
+            for sv, sa in sig[blk.video_len].values():
+                model.forward_block(v, a, sv, sa, text, cache, ropes)
+        finally:
+            if steady:
+                rec.__exit__(None, None, None)
+    return [name for name, ins, _ in rec.ops if any(t.device.type == "cpu" for t in ins)]
+
+
+@pytest.mark.parametrize("policy", [CachePolicy(), CachePolicy(window=2), CachePolicy(window=2, rebase_rope=True)])
+def test_a_steady_block_reads_no_host_tensor_and_never_syncs(policy):
+    """On a device, RoPE tables, sigmas and masks of a steady block are made there: no op of blocks 3-5
+    takes a host tensor (which would be a host-to-device copy on a GPU), and nothing reads a value back
+    (a meta tensor has none: `.item()`, `bool()` or a data-dependent shape would raise)."""
+    with torch.no_grad():
+        model = random_model(TINY, seed=0, device="meta")
+        assert _steady_blocks_on_meta(model, policy) == []
+        # the detector sees a host table copied in
+        assert "_to_copy" in _steady_blocks_on_meta(model, policy, host_table=True)
+
+
+def _casts_per_forward(config) -> int:
+    model = random_model(config, seed=0, dtype=torch.bfloat16)
+    clip = make_clip(make_layout("v2"), 64, 96, num_blocks=3)
+    text = toy_text(model, "z")
+    cache = model.new_cache(clip.layout, clip.grid)
+    v = torch.randn(clip.video_shape(clip.layout.block(1)))
+    a = torch.randn(clip.audio_shape(clip.layout.block(1)))
+    with torch.no_grad():
+        for blk in list(clip.blocks())[:2]:
+            ropes = model.prepare_block(cache, blk, clip.grid)
+        s = torch.full((1,), 0.5)
+        model.forward_block(v, a, s, s, text, cache, ropes)  # the memo is warm now
+        rec = _Ops()
+        with rec:
+            model.forward_block(v, a, s, s, text, cache, ropes)
+    # casts of tensors that existed before the forward (tables, parameters, inputs), not of the
+    # forward's own intermediates (CPU rms_norm computes bf16 in float32 internally)
+    made, casts = set(), 0
+    for name, ins, out in rec.ops:
+        if name in ("_to_copy", "to") and ins[0].untyped_storage().data_ptr() not in made:
+            casts += 1
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                made.add(t.untyped_storage().data_ptr())
+    return casts
+
+
+def test_dtype_casts_per_forward_do_not_grow_with_layers():
+    """bf16 compute: the only casts of existing tensors in a warm forward are the two float32 latents
+    coming in, however many layers (RoPE tables were cast once per block, AdaLN tables once per sigma,
+    weights are stored in bf16)."""
+    two, eight = _casts_per_forward(TINY), _casts_per_forward(TINY.replace(num_layers=8))
+    assert two == eight == 2
+
+
+# -- fused ops equal their definitions -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gelu_tanh_equals_its_definition(dtype):
+    x = torch.linspace(-12, 12, 4001, dtype=torch.float64)
+    want = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    got = gelu_tanh(x.to(dtype)).double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    assert torch.equal(gelu_tanh(x.to(torch.bfloat16)), F.gelu(x.to(torch.bfloat16), approximate="tanh"))
+
+
+def test_modulate_and_gated_add_equal_their_definitions_per_sample_and_per_frame():
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(2, 12, 8, generator=g, dtype=torch.float64), torch.randn(2, 12, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    for frames in (1, 3):  # per sample, per frame (4 tokens per frame)
+        sh, sc, gate = (torch.randn(2, frames, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        per_token = lambda t: t.repeat_interleave(12 // frames, 1)  # noqa: E731
+        assert torch.allclose(modulate(x, sh, 1 + sc, 12 // frames), x * (1 + per_token(sc)) + per_token(sh),
+                              atol=1e-14)
+        assert torch.allclose(gated_add(x, out, gate, 12 // frames), x + per_token(gate) * out, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["interleaved", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_prepared_rope_equals_the_rotation(kind, dtype):
+    """Prepared tables (complex factor, or cos + signed sin) rotate as the definition: each pair (or
+    head half) (a, b) -> (a cos - b sin, b cos + a sin)."""
+    tab = video_self_table(range(3), (2, 3), DEFAULT_TIME, 96, 2, RopeConfig(kind))
+    x = torch.randn(2, tab.length, 96, dtype=torch.float64)
+    c, s = tab.cos.double(), tab.sin.double()
+    if kind == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+        want = torch.stack([a * c[:, 0::2] - b * s[:, 0::2], b * c[:, 0::2] + a * s[:, 0::2]], -1).flatten(-2)
+    else:
+        xs = x.view(2, tab.length, 2, 2, -1)
+        a, b = xs[..., 0, :], xs[..., 1, :]
+        want = torch.stack([a * c - b * s, b * c + a * s], -2).reshape(x.shape)
+    got = apply_rope(x.to(dtype), tab.prepare(dtype)).double()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-13, torch.bfloat16: 5e-2}[dtype]
+    assert (got - want).abs().max().item() < tol
