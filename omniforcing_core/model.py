@@ -88,6 +88,8 @@ def sigma_key(sigma):
     read: the tensor is kept alive with the memo entry, and an in-place change bumps its version)."""
     if isinstance(sigma, (int, float)):
         return ("value", float(sigma))
+    if sigma.is_inference():  # no version counter (ComfyUI runs nodes in inference mode); never changed in place
+        return ("tensor", id(sigma), None)
     return ("tensor", id(sigma), sigma._version)
 
 
@@ -175,7 +177,7 @@ class CachedAttention(_Attention):
         if read is None:  # absolute positions: store rotated keys
             k = apply_rope(k, self.ropes.key(kind))
         k, v, mask = self.cache.update(layer, kind, k, v)
-        if read is not None:  # re-based positions: rotate every visible key now
+        if read is not None:  # re-based positions (a window: one contiguous ring): rotate every visible key now
             k = apply_rope(k, read.key(kind))
         return k, v, mask
 

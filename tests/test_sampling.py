@@ -58,6 +58,17 @@ def test_stream_equals_offline_equals_masked_reference(setup):
     assert v.shape == (1, 128, 13, 2, 3) and a.shape == (1, 8, 101, 16)
 
 
+def test_inference_mode_streams_like_no_grad(setup):
+    """ComfyUI runs nodes under torch.inference_mode, whose tensors have no version counter: the
+    per-sigma memo must not need one, and the numbers must not change."""
+    model, text, spec = setup
+    with torch.no_grad():
+        ref = generate(model, spec, text)
+    with torch.inference_mode():
+        got = generate(model, spec, text)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 def test_first_block_does_not_depend_on_later_noise(setup):
     model, text, spec = setup
     v, _ = generate(model, spec, text)
