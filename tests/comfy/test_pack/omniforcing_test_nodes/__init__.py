@@ -87,3 +87,33 @@ class OmniForcingTestSaveTensors:
 
 
 NODE_CLASS_MAPPINGS["OmniForcingTestSaveTensors"] = OmniForcingTestSaveTensors
+
+
+class OmniForcingTestSlowVAE:
+    """The given VAE with a sleep before every decode, so a stream is generated slower than real time on
+    any machine: the browser test's live player must then pause to buffer, never run dry."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("VAE",), "seconds_per_decode": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 30.0})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "slow"
+    CATEGORY = "testing"
+
+    def slow(self, vae, seconds_per_decode):
+        import copy
+        import time
+
+        slowed = copy.copy(vae)  # same model (and measured decoder reach), only decode is slower
+        decode = vae.decode
+
+        def slow_decode(*args, **kwargs):
+            time.sleep(seconds_per_decode)
+            return decode(*args, **kwargs)
+
+        slowed.decode = slow_decode
+        return (slowed,)
+
+
+NODE_CLASS_MAPPINGS["OmniForcingTestSlowVAE"] = OmniForcingTestSlowVAE
