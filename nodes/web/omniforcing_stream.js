@@ -100,6 +100,11 @@ class LivePlayer {
       stage.append(v);
       return v;
     });
+    // on the picture too, where the eye is: it holds still on purpose, not frozen
+    this.badge = document.createElement("div");
+    this.badge.style.cssText = "position:absolute;left:6px;top:6px;z-index:2;pointer-events:none;display:none;"
+      + "font:11px sans-serif;color:#fff;background:rgba(0,0,0,.6);padding:2px 6px;border-radius:3px";
+    stage.append(this.badge);
     this.status = document.createElement("div");
     this.status.style.cssText = "font:11px sans-serif;opacity:.8;white-space:nowrap;overflow:hidden";
     this.status.textContent = "live preview: waiting for a stream";
@@ -128,6 +133,7 @@ class LivePlayer {
   // a new stream (new files) replaces the old one
   reset(info) {
     this.key = `${info.prompt_id}/${info.hls_subfolder}`;
+    this.info = null; // the old stream's, until update() sets the new one
     if (this.objectUrl) URL.revokeObjectURL(this.objectUrl);
     this.objectUrl = null;
     for (const v of this.videos) {
@@ -479,6 +485,11 @@ class LivePlayer {
       ended: "played to the end",
     }[this.state];
     const text = `${what} - ${where} - ${playing}`;
+    const badge = this.state === "buffering" && !this.complete && this.started ? "buffering..." : "";
+    if (this.badge.textContent !== badge) {
+      this.badge.textContent = badge;
+      this.badge.style.display = badge ? "block" : "none";
+    }
     if (this.status.textContent !== text) this.status.textContent = text;
     this.status.title = `${info.mp4} (${this.mode === "file" ? "file" : "MediaSource"})`;
   }

@@ -94,6 +94,9 @@ def _player_runs(control_url: str) -> list[dict]:
     # the setting is read: a 2 s start buffer, generation slower than real time
     runs.append({"label": "slow_start2_mse", "source": "tiny", "decode": "fast", "player": "mse", "seconds": SLOW_S,
                  "slow": SLOW_DECODE_S, "startBuffer": 2.0})
+    # Cancel while it plays: the kept part plays to its end
+    runs.append({"label": "cancel_file", "source": "tiny", "decode": "fast", "player": "file", "seconds": 20,
+                 "slow": SLOW_DECODE_S, "cancelAfter": 1.5})
     # negative controls: a player that never pauses to buffer (the old behaviour) must be seen to stall,
     # and a file whose audio runs 2 s past its video must be seen as a frozen picture
     runs.append({"label": "control_no_pause_mse", "source": "tiny", "decode": "fast", "player": "mse",
@@ -202,6 +205,16 @@ def test_live_player_pauses_to_buffer_when_generation_is_slower_than_real_time(p
     assert r["screenshots"].get("buffering") and Path(r["screenshots"]["buffering"]).is_file()
     if label == "slow_start2_mse":
         assert r["startBuffer"] == 2.0 and r["probe"]["starts"][0]["ahead"] >= 2.0, r["probe"]["starts"]
+
+
+def test_live_player_plays_what_a_cancel_kept_to_its_end(player):
+    r = _run(player, "cancel_file")
+    q, final = r["probe"], r["final"]
+    # the page shows "cancelled", not "error": a Cancel pressed while a block decodes is a cancel too
+    assert final["status"] == "cancelled" and final["state"] == "ended", final
+    assert 2 <= final["seconds"] < 20 and final["duration"] == pytest.approx(final["seconds"], abs=0.1), final
+    assert final["t"] == pytest.approx(final["duration"], abs=0.05) and final["error"] is None, final
+    assert q["stalls"] == 0 and q["frameOffset"]["max"] <= OFFSET_MAX_MS, q
 
 
 def test_the_measurements_can_fail(player):

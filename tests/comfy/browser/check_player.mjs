@@ -7,7 +7,8 @@
 // runs.json: [{label, source: "tiny" | "toy", decode, player: "mse" | "file", seconds,
 //              slow?: seconds of sleep per video VAE decode (generation slower than real time),
 //              margin?: the player's live-edge margin (a negative control sets it below 0: never pause),
-//              startBuffer?: the start-buffer setting, control?: a file URL to play in a bare <video>}]
+//              startBuffer?: the start-buffer setting, cancelAfter?: press Cancel once playback passes this time,
+//              control?: a file URL to play in a bare <video>}]
 // A "file" run keeps ComfyUI's CSP (sent with --disable-api-nodes: no blob: media, so the player plays
 // the growing MP4); an "mse" run bypasses it (MediaSource + HLS segments).
 // Prints one JSON object {runs: {label: result}, console: [...]}.
@@ -143,6 +144,7 @@ async function measure(run) {
   const shots = {};
   const limit = Date.now() + 1000 * (60 + run.seconds * 4 + (run.slow ? run.seconds * (run.slow + 1) * 2 : 0));
   let finishedAt = null;
+  let cancelled = false;
   while (Date.now() < limit) {
     const s = await look(queued.id);
     samples.push({ ...s, at: Date.now() });
@@ -150,8 +152,12 @@ async function measure(run) {
     if (!shots.buffering && s.state === "buffering" && s.stats?.bufferingPauses > 0 && !["done", "cancelled", "error"].includes(s.status)) {
       shots.buffering = await shoot(`live_player_${run.label}_buffering`);
     }
+    if (run.cancelAfter !== undefined && !cancelled && s.state === "playing" && s.t > run.cancelAfter) {
+      cancelled = true; // the queue's Cancel: ComfyUI interrupts the stream, which keeps what it made
+      await p.evaluate(() => fetch("/api/interrupt", { method: "POST" }));
+    }
     if (["done", "cancelled", "error"].includes(s.status) && finishedAt === null) finishedAt = Date.now();
-    if (s.state === "ended" || s.status === "error") break;
+    if (s.state === "ended") break;
     // finished but not playing to the end: give up after the stream's length and a margin
     if (finishedAt !== null && Date.now() - finishedAt > 1000 * (run.seconds + 30)) break;
     await p.waitForTimeout(200);
