@@ -12,6 +12,7 @@ from .cache import CachePolicy, StreamCache
 from .layout import Clip
 
 HEADROOM = 256 * 2 ** 20  # kernels' workspaces, small tensors
+TRAINED_BLOCKS = 5  # the released student was trained on 5-block clips (121 frames, 5 s)
 
 
 class ResourceError(MemoryError):
@@ -83,3 +84,49 @@ def check_stream(model, clip: Clip, policy: CachePolicy, batch: int, dtype: torc
 
 
 __all__ = ["ResourceError", "stream_bytes", "available_bytes", "check_fits", "check_stream"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePlan:
+    """The cache a stream will use and what it costs, known before anything is allocated."""
+
+    policy: CachePolicy
+    cache_bytes: int  # the KV cache after the clip's last block (or once the window is full)
+    total_bytes: int  # + one block's activations + headroom
+    reason: str
+
+    def describe(self) -> str:
+        what = "keep-all" if self.policy.window is None else f"window {self.policy.window}"
+        return (f"KV cache {what}: {gib(self.cache_bytes)} + activations = {gib(self.total_bytes)} "
+                f"({self.reason})")
+
+
+def plan_cache(model, clip: Clip, window: Optional[int] = None, batch: int = 1, dtype: Optional[torch.dtype] = None,
+               trained_blocks: int = TRAINED_BLOCKS, rebase_rope: bool = False) -> CachePlan:
+    """The cache policy for a stream and its memory, for showing before running.
+
+    window: a number of history blocks, 0 to keep everything, or None to choose: keep everything for a
+    clip no longer than the model's training length, else a window of `trained_blocks - 1` (the sink
+    block + that many = the context the model was trained on; the cache stays flat however long the
+    stream, where keep-all grows without bound and the model never saw such contexts)."""
+    dtype = dtype or model.dtype
+    long = clip.num_blocks is None or clip.num_blocks > trained_blocks
+    if window is None and long:
+        policy = CachePolicy(window=max(1, trained_blocks - 1), rebase_rope=rebase_rope)
+        length = "an open-ended stream" if clip.num_blocks is None else f"{clip.num_blocks} s"
+        reason = (f"default for {length}, longer than the {trained_blocks} s the model was trained on; "
+                  f"window=0 keeps everything")
+    elif window is None or window == 0:
+        policy = CachePolicy()
+        reason = "keeps every block" + ("" if window == 0 else f" (the clip fits the {trained_blocks} s trained length)")
+    else:
+        policy = CachePolicy(window=window, rebase_rope=rebase_rope)
+        reason = "as asked"
+    sized = clip if clip.num_blocks is not None or policy.window is not None else dataclasses.replace(clip, num_blocks=2)
+    cache = model.new_cache(clip.layout, clip.grid, policy, batch, dtype=dtype)
+    cache_bytes = cache.estimate_bytes(sized.num_blocks)
+    total = cache_bytes + activation_bytes(model, sized, cache) + HEADROOM
+    if clip.num_blocks is None and policy.window is None:
+        reason += (f"; an open-ended keep-all cache grows by a chunk every {policy.chunk_blocks} blocks, checked as "
+                   f"it grows")
+    return CachePlan(policy, cache_bytes, total, reason)

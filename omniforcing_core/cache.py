@@ -5,7 +5,14 @@ the attention sink) has its own region; every later block has the same token cou
 a slot. With a window of W blocks there are W + 1 slots used as a ring (W history blocks plus the
 block being generated), so the valid keys are always a contiguous prefix of the buffer: the
 attention reads `buffer[:, :valid]` with no mask and no copy. Attention does not care about key
-order, so a ring is exact. Without a window, slots grow with the stream.
+order, so a ring is exact. The ring is allocated whole at the first write and never moves (fixed
+shapes and addresses for a steady block: what CUDA graphs and torch.compile need).
+
+Without a window (keep-all) the slots live in chunks of `CachePolicy.chunk_blocks` slots, each
+allocated when the stream reaches it: bytes grow linearly in chunk steps, nothing is reserved for
+the whole stream up front, and no block is ever copied. While the stream fits in the first chunk
+(which also holds the sink) a block reads one contiguous prefix as with the ring; past it, the
+attention reads the chunks one by one and merges them by their log-sum-exp (`layers.KVChunks`).
 
 Four kinds per layer: `video_self` and `v2a` hold video-token keys, `audio_self` and `a2v` hold
 audio-token keys (A2V/V2A keys are projected by that layer's cross attention, so they are separate
@@ -32,12 +39,15 @@ VIDEO_KEYED = ("video_self", "v2a")
 class CachePolicy:
     window: Optional[int] = None  # history blocks kept besides the sink block; None keeps everything
     rebase_rope: bool = False
+    chunk_blocks: int = 8  # keep-all: slots per allocation chunk (the first chunk also holds the sink)
 
     def __post_init__(self):
         if self.window is not None and self.window < 1:
             raise ValueError(f"window={self.window}: keep at least 1 history block (or None for no eviction)")
         if self.rebase_rope and self.window is None:
             raise ValueError("rebase_rope needs a window (positions are re-based to the window)")
+        if self.chunk_blocks < 1:
+            raise ValueError(f"chunk_blocks={self.chunk_blocks}: a chunk holds at least 1 block")
 
     @property
     def max_slots(self) -> Optional[int]:
@@ -81,8 +91,12 @@ class StreamCache:
         self.sink_len = {k: (b0.video_len * tokens_per_latent if k in VIDEO_KEYED else b0.audio_tokens) for k in KINDS}
         self.slot_len = {k: (b1.video_len * tokens_per_latent if k in VIDEO_KEYED else b1.audio_tokens) for k in KINDS}
         self.dims = dims
+        # the first chunk (sink + slots; the whole ring with a window) per layer and kind, and every
+        # chunk in order (keep-all streams past the first chunk)
         self.k: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
         self.v: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
+        self.k_chunks: list[dict[str, list[torch.Tensor]]] = [dict() for _ in range(num_layers)]
+        self.v_chunks: list[dict[str, list[torch.Tensor]]] = [dict() for _ in range(num_layers)]
         self.slot_blocks: list[int] = []  # block index held by each slot, in buffer order
         self.block: Optional[Block] = None
         self._slot: Optional[int] = None
@@ -90,7 +104,6 @@ class StreamCache:
         self._visible: list[bool] = []
         self._masks: dict[str, torch.Tensor] = {}
         self.head = 0  # newest block begun
-        self._reserved_slots = 0
         self.on_grow = None  # called with the bytes about to be allocated (memory checks)
         self.itemsize = torch.empty((), dtype=dtype).element_size()  # bytes per K/V element
         self._memo: dict[str, OrderedDict] = {"stream": OrderedDict(), "position": OrderedDict()}
@@ -114,8 +127,25 @@ class StreamCache:
         return value
 
     def reserve(self, num_blocks: int) -> None:
-        """Allocate for a known length up front (no regrowth, exact bytes)."""
-        self._reserved_slots = max(0, num_blocks - 1)
+        """Nothing to do: a keep-all cache takes its chunks as the stream reaches them (no whole-stream
+        reservation, no regrowth copies) and the ring is allocated whole at its first write. Kept for
+        callers that announce a known length; `estimate_bytes` gives what that length will take."""
+
+    @property
+    def chunk_slots(self) -> int:
+        """Slots per chunk: the whole ring with a window, `chunk_blocks` for keep-all."""
+        return self.policy.max_slots or self.policy.chunk_blocks
+
+    def _chunk_len(self, kind: str, c: int) -> int:
+        return (self.sink_len[kind] if c == 0 else 0) + self.chunk_slots * self.slot_len[kind]
+
+    def _locate(self, kind: str, pos: int) -> tuple[int, int]:
+        """Logical key position -> (chunk, offset in it)."""
+        first = self._chunk_len(kind, 0)
+        if pos < first:
+            return 0, pos
+        rest = self._chunk_len(kind, 1)
+        return 1 + (pos - first) // rest, (pos - first) % rest
 
     # -- bookkeeping shared by all layers ----------------------------------------------------
     def begin_block(self, block: Block) -> BlockView:
@@ -163,9 +193,10 @@ class StreamCache:
         if all(self._visible):
             return None
         if kind not in self._masks:
-            parts = [torch.ones(self.sink_len[kind], dtype=torch.bool)]
-            parts += [torch.full((self.slot_len[kind],), vis, dtype=torch.bool) for vis in self._visible]
-            self._masks[kind] = torch.cat(parts).to(self.device)
+            dev = self.device
+            parts = [torch.ones(self.sink_len[kind], dtype=torch.bool, device=dev)]
+            parts += [torch.full((self.slot_len[kind],), vis, dtype=torch.bool, device=dev) for vis in self._visible]
+            self._masks[kind] = torch.cat(parts)
         return self._masks[kind]
 
     def visible_blocks(self) -> list[int]:
@@ -178,51 +209,78 @@ class StreamCache:
         return [0] + sorted(b for b in self.slot_blocks if b >= 0)
 
     # -- per layer ----------------------------------------------------------------------------
-    def _ensure(self, layer: int, kind: str, end: int) -> None:
-        buf = self.k[layer].get(kind)
-        have = 0 if buf is None else buf.shape[1]
-        if end <= have:
-            return
-        # grow by doubling the slot count (bounded by the window) to keep appends amortised
-        slots_needed = (end - self.sink_len[kind] + self.slot_len[kind] - 1) // self.slot_len[kind]
-        slots_have = max(0, (have - self.sink_len[kind]) // self.slot_len[kind])
-        slots = max(slots_needed, 2 * slots_have, self._reserved_slots)
-        if self.policy.max_slots is not None:
-            slots = min(slots, self.policy.max_slots)
-        cap = self.sink_len[kind] + slots * self.slot_len[kind]
-        shape = (self.batch, cap, self.dims[kind])
-        if self.on_grow is not None:
-            self.on_grow(2 * (cap - have) * self.dims[kind] * self.batch * self.itemsize)
-        for store in (self.k[layer], self.v[layer]):
-            new = torch.zeros(shape, device=self.device, dtype=self.dtype)
-            if kind in store:
-                new[:, :have] = store[kind]
-            store[kind] = new
+    def _ensure(self, layer: int, kind: str, chunk: int) -> None:
+        """Allocate chunks up to `chunk` (each once; nothing already written ever moves)."""
+        have = self.k_chunks[layer].setdefault(kind, [])
+        vs = self.v_chunks[layer].setdefault(kind, [])
+        while len(have) <= chunk:
+            c = len(have)
+            shape = (self.batch, self._chunk_len(kind, c), self.dims[kind])
+            if self.on_grow is not None:
+                self.on_grow(2 * shape[1] * shape[2] * self.batch * self.itemsize)
+            have.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+            vs.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
+            if c == 0:
+                self.k[layer][kind], self.v[layer][kind] = have[0], vs[0]
+
+    def _views(self, layer: int, kind: str, n: int) -> tuple[list, list]:
+        """The valid keys [0, n) as one view per chunk."""
+        ks, vs = [], []
+        c = 0
+        while n > 0:
+            take = min(n, self._chunk_len(kind, c))
+            ks.append(self.k_chunks[layer][kind][c][:, :take])
+            vs.append(self.v_chunks[layer][kind][c][:, :take])
+            n -= take
+            c += 1
+        return ks, vs
 
     def update(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):
-        """Write the current block's K/V; return (keys, values, key mask or None) it may attend to."""
+        """Write the current block's K/V; return (keys, values, key mask or None) it may attend to: tensors
+        when the valid keys are one contiguous prefix, else `KVChunks` (keep-all past its first chunk)."""
         s, e = self.write_range(kind)
         if k.shape[1] != e - s:
             raise ValueError(f"{kind}: got {k.shape[1]} tokens for a block of {e - s}")
-        self._ensure(layer, kind, e)
-        kb, vb = self.k[layer][kind], self.v[layer][kind]
+        c, off = self._locate(kind, s)
+        self._ensure(layer, kind, c)
+        kb, vb = self.k_chunks[layer][kind][c], self.v_chunks[layer][kind][c]
         # the buffers never join an autograd graph: history K/V carry no gradient (Self-Forcing)
-        kb[:, s:e] = k.detach().to(kb.dtype)
-        vb[:, s:e] = v.detach().to(vb.dtype)
+        kb[:, off:off + e - s] = k.detach().to(kb.dtype)
+        vb[:, off:off + e - s] = v.detach().to(vb.dtype)
         n = self.valid_len(kind)
+        ks, vs = self._views(layer, kind, n)
+        mask = self.key_mask(kind)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # a grad-enabled block (Stage III exit step): attend over a copy [history | current (with
             # grad) | rest], so later in-place writes into the buffers cannot break this backward
-            keys = torch.cat([kb[:, :s], k.to(kb.dtype), kb[:, e:n]], 1)
-            vals = torch.cat([vb[:, :s], v.to(vb.dtype), vb[:, e:n]], 1)
-        else:
-            keys, vals = kb[:, :n], vb[:, :n]
-        return keys, vals, self.key_mask(kind)
+            keys, vals = torch.cat(ks, 1), torch.cat(vs, 1)
+            keys = torch.cat([keys[:, :s], k.to(kb.dtype), keys[:, e:n]], 1)
+            vals = torch.cat([vals[:, :s], v.to(vb.dtype), vals[:, e:n]], 1)
+            return keys, vals, mask
+        if len(ks) == 1:
+            return ks[0], vs[0], mask
+        from .layers import KVChunks
+        if mask is None:
+            return KVChunks(ks, vs), None, None
+        # a re-cache: each chunk with its part of the mask; a chunk holding only newer blocks is left out
+        # (an all-masked softmax has no value to merge)
+        keep_k, keep_v, masks, start, per = [], [], [], 0, self.chunk_slots
+        for c, (kc, vc) in enumerate(zip(ks, vs)):
+            n = kc.shape[1]
+            vis = self._visible[c * per:(c + 1) * per]
+            if c == 0 or any(vis):
+                keep_k.append(kc)
+                keep_v.append(vc)
+                masks.append(None if all(vis) else mask[start:start + n])
+            start += n
+        return KVChunks(keep_k, keep_v, masks), None, None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in (self.k + self.v) for t in layer.values())
+        return sum(t.numel() * t.element_size() for store in (self.k_chunks, self.v_chunks) for layer in store
+                   for chunks in layer.values() for t in chunks)
 
     def _slots_after(self, num_blocks: Optional[int]) -> int:
+        """Valid slots once `num_blocks` blocks are in (None: the window is full)."""
         if num_blocks is None and self.policy.max_slots is None:
             raise ValueError("an open-ended stream without a window has no final cache size")
         slots = self.policy.max_slots if num_blocks is None else max(0, num_blocks - 1)
@@ -232,8 +290,16 @@ class StreamCache:
         """Keys of `kind` a block reads once `num_blocks` blocks are in (or the window is full)."""
         return self.sink_len[kind] + self._slots_after(num_blocks) * self.slot_len[kind]
 
+    def chunks_after(self, num_blocks: Optional[int]) -> int:
+        """Chunks allocated once `num_blocks` blocks are in: the ring is one chunk from the first block on;
+        keep-all takes a chunk per `chunk_blocks` slots (the first one with block 0)."""
+        if self.policy.max_slots is not None:
+            return 1
+        return max(1, -(-self._slots_after(num_blocks) // self.chunk_slots))
+
     def estimate_bytes(self, num_blocks: Optional[int]) -> int:
-        """Bytes the buffers reach after `num_blocks` blocks (None: once the window is full), for
-        memory planning before allocating."""
-        per_layer = sum(self.valid_len_after(num_blocks, k) * self.dims[k] for k in KINDS)
+        """Bytes the buffers take after `num_blocks` blocks (None: once the window is full), for memory
+        planning before allocating; exact (whole chunks)."""
+        n = self.chunks_after(num_blocks)
+        per_layer = sum(sum(self._chunk_len(k, c) for c in range(n)) * self.dims[k] for k in KINDS)
         return 2 * self.num_layers * self.batch * per_layer * self.itemsize

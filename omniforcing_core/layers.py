@@ -23,8 +23,78 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     b, nq, inner = q.shape
     d = inner // heads
     q, k, v = (t.view(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.dim() == 1:  # one flag per key (a re-cache): broadcast over the rest
+        mask = mask.view(1, 1, 1, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+class KVChunks:
+    """Keys and values held in several chunks (a keep-all cache past its first chunk): attention reads
+    them chunk by chunk and merges the partial results by their log-sum-exp, so no chunk is copied."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 masks: Optional[list[Optional[torch.Tensor]]] = None):
+        self.keys, self.values = keys, values
+        self.masks = masks  # per chunk: bool per key, or None (every key visible)
+
+    @property
+    def length(self) -> int:
+        return sum(k.shape[1] for k in self.keys)
+
+
+def _additive(mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
+    """Softmax attention over [B, H, N, d] heads with its log-sum-exp: (out [B, H, Nq, d], lse [B, H, Nq]
+    in at least float32). The fused kernel where torch exposes the log-sum-exp (CPU flash attention;
+    CUDA flash for half precision without a mask), else the definition."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=_additive(mask, q.dtype))
+        return out, lse.to(work)
+    if q.device.type == "cuda" and mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+            return res[0], res[1].to(work)
+        except RuntimeError:
+            pass
+    s = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s + _additive(mask, work)
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.to(work)).to(q.dtype), lse
+
+
+def chunked_attention(q: torch.Tensor, kv: KVChunks, heads: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, Nq, H*d] against keys in chunks -> [B, Nq, H*d]: attention per chunk, merged exactly by
+    out = sum_i exp(lse_i - lse) out_i with lse = log sum_i exp(lse_i). Masks: the chunks' own, else
+    `mask` (bool over all keys) or None; every chunk must have a visible key."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    work = torch.promote_types(q.dtype, torch.float32)
+    qh = q.view(b, nq, heads, d).transpose(1, 2)
+    outs, lses, start = [], [], 0
+    for i, (kc, vc) in enumerate(zip(kv.keys, kv.values)):
+        n = kc.shape[1]
+        if kv.masks is not None:
+            m = kv.masks[i]
+        else:
+            m = None if mask is None else mask[..., start:start + n]
+        if m is not None and m.dim() == 1:  # one flag per key
+            m = m.view(1, 1, 1, n)
+        start += n
+        o, lse = attention_lse(qh, kc.view(b, n, heads, d).transpose(1, 2), vc.view(b, n, heads, d).transpose(1, 2), m)
+        outs.append(o)
+        lses.append(lse)
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    out = sum(torch.exp(li - lse)[..., None] * oi.to(work) for oi, li in zip(outs, lses))
+    return out.to(q.dtype).transpose(1, 2).reshape(b, nq, inner)
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -171,4 +241,6 @@ class Attention(nn.Module):
         return self.k_norm(self.to_k(ctx)), self.to_v(ctx)
 
     def output(self, q, k, v, mask, attn_fn: AttentionFn) -> torch.Tensor:
+        if isinstance(k, KVChunks):  # keys in several chunks: merged by log-sum-exp (any attn_fn is bypassed)
+            return self.to_out[0](chunked_attention(q, k, self.heads, mask))
         return self.to_out[0](attn_fn(q, k, v, self.heads, mask))

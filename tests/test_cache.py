@@ -117,8 +117,8 @@ def test_bytes_flat_once_full_and_estimate_is_exact():
                 cache.update(layer, kind, torch.zeros(1, e - s, 4, dtype=torch.float64),
                              torch.zeros(1, e - s, 4, dtype=torch.float64))
         sizes.append(cache.nbytes())
-    assert len(set(sizes[3:])) == 1 and sizes[3] > sizes[0]
-    assert cache.estimate_bytes(8) == sizes[-1]
+    assert len(set(sizes)) == 1  # the ring is allocated whole at the first write (fixed addresses)
+    assert cache.estimate_bytes(8) == cache.estimate_bytes(1) == sizes[-1]
     assert new_cache(window=2, layers=2).estimate_bytes(100) == sizes[-1]  # flat in the length
 
 
@@ -162,3 +162,45 @@ def test_a_stream_that_cannot_fit_is_refused_before_allocating(monkeypatch):
             assert blocks < 200, "the keep-all cache grew past the free memory without an error"
     assert s.backend.cache.nbytes() <= 2 ** 20 < budget.stream_bytes(model, Clip(LAYOUT, 64, 64, blocks + 2),
                                                                      CachePolicy(), 1, torch.float32)
+
+
+# -- keep-all: fixed chunks, no reservation, no copies -------------------------------------------------
+
+def test_keep_all_grows_in_fixed_chunks_linearly_and_never_copies_a_block():
+    """Chunks of 2 blocks: bytes step up by the same amount every 2 blocks (and equal the estimate at every
+    length), nothing is allocated ahead of the stream, the storage holding each written block never
+    moves and keeps its values, and a read past the first chunk returns the chunks in order."""
+    cache = StreamCache(1, LAYOUT, TPL, DIMS, CachePolicy(chunk_blocks=2), batch=1, dtype=torch.float64)
+    cache.reserve(1000)  # a known length reserves nothing
+    sizes, where = [], {}
+    for k in range(9):
+        view, reads = write(cache, k)
+        sizes.append(cache.nbytes())
+        assert sizes[-1] == cache.estimate_bytes(k + 1)
+        chunk, off = cache._locate("video_self", cache.write_range("video_self")[0])
+        where[k] = cache.k_chunks[0]["video_self"][chunk][:, off:].data_ptr()
+        for j, ptr in where.items():  # every earlier block still at its address with its values
+            c, o = cache._locate("video_self", cache.sink_len["video_self"] + (j - 1) * cache.slot_len["video_self"]
+                                 if j else 0)
+            buf = cache.k_chunks[0]["video_self"][c]
+            assert buf[:, o:].data_ptr() == ptr and (buf[:, o:o + (cache.slot_len["video_self"] if j
+                                                                     else cache.sink_len["video_self"])] == j).all()
+        keys = reads["video_self"][0]
+        if k <= 2:  # inside the first chunk: one contiguous prefix, as with the ring
+            assert isinstance(keys, torch.Tensor) and blocks_read(keys) == list(range(k + 1))
+        else:
+            assert blocks_read(torch.cat(keys.keys, 1)) == list(range(k + 1))
+    steps = [b - a for a, b in zip(sizes, sizes[1:]) if b != a]
+    assert [k for k in range(1, 9) if sizes[k] != sizes[k - 1]] == [3, 5, 7] and len(set(steps)) == 1
+    assert sizes[0] == cache.estimate_bytes(1) < cache.estimate_bytes(1000)  # nothing reserved up front
+
+
+def test_on_grow_hears_each_chunk_once_before_it_is_allocated():
+    cache = StreamCache(2, LAYOUT, TPL, DIMS, CachePolicy(chunk_blocks=3), batch=1, dtype=torch.float32)
+    heard = []
+    cache.on_grow = lambda n: heard.append((n, cache.nbytes()))
+    for k in range(8):
+        for layer in range(2):
+            write(cache, k, layer)
+    # 3 chunks (blocks 0-3, 4-6, 7-9) x 2 layers x 4 kinds, each announced with the bytes it adds
+    assert len(heard) == 3 * 2 * 4 and sum(n for n, _ in heard) == cache.nbytes() == cache.estimate_bytes(8)

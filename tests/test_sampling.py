@@ -106,10 +106,10 @@ def test_cache_bytes_stay_flat_once_window_is_full():
     spec = Clip(make_layout("v2"), 32, 32, 24, seed=0)
     s = Sampler(model, spec, text, policy=CachePolicy(window=4), schedule=make_schedule([1000, 0]))
     sizes = [s.run_block(b) and s.cache_bytes() for b in spec.blocks()]
-    assert len(set(sizes[5:])) == 1 and sizes[5] > sizes[0]
+    assert len(set(sizes)) == 1  # the ring is allocated whole at the first block and never moves
     full = Sampler(model, Clip(make_layout("v2"), 32, 32, None), text, schedule=make_schedule([1000, 0]))
-    grow = [full.run_block(b) and full.cache_bytes() for b in spec.layout.iter_blocks(12)]
-    assert grow[-1] > grow[5] > grow[1]
+    grow = [full.run_block(b) and full.cache_bytes() for b in spec.layout.iter_blocks(20)]
+    assert grow[-1] > grow[9] > grow[1]  # keep-all grows in chunks of 8 blocks
 
 
 def test_rebased_rope_runs_past_20_seconds_and_matches_absolute_before_eviction():
