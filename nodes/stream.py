@@ -83,8 +83,10 @@ class OmniForcingStream(io.ComfyNode):
                         "Cancel keeps everything made so far, playable.",
             inputs=[
                 *core_inputs(seconds_default=10, window_default=4),
-                io.Vae.Input("vae", tooltip="The LTX-2 video VAE (VAE output of the LTX-2 checkpoint loader)."),
-                io.Vae.Input("audio_vae", tooltip="The LTX-2 audio VAE (LTXV Audio VAE Loader)."),
+                io.Vae.Input("vae", tooltip="The video VAE: LTX-2's (VAE output of the LTX-2 checkpoint loader) or the "
+                                            "'vae' output of 'OmniForcing Toy Model (embedded)'."),
+                io.Vae.Input("audio_vae", tooltip="The audio VAE: LTX-2's (LTXV Audio VAE Loader) or the 'audio_vae' "
+                                                  "output of 'OmniForcing Toy Model (embedded)'."),
                 io.String.Input("filename_prefix", default="omniforcing/stream",
                                 tooltip="Where the live files go, inside ComfyUI's output folder: <prefix>_NNNNN_.mp4 "
                                         "and the HLS folder <prefix>_NNNNN__hls/ (index.m3u8 + segments)."),
