@@ -37,6 +37,8 @@ class ModelHandle:
     # the model's own decoder for progress previews (the toy's codecs): video latents [B, 128, F, h, w]
     # -> the last frame [H, W, 3] in [0, 1]; None: ComfyUI's LTX-2 latent preview, which only suits LTX-2 latents
     preview: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    compile: bool = False  # steady blocks through torch.compile (Runtime.compile)
+    cuda_graphs: bool = False  # steady blocks replayed as CUDA graphs (Runtime.cuda_graphs)
 
 
 class HostModule(torch.nn.Module):
@@ -110,7 +112,10 @@ def prepare_for_run(patcher, handle: ModelHandle, memory_required: int) -> tuple
         # loading may have replaced Parameter objects (LoRA patches): link to the current ones
         adopt_modules(ours, handle.native)
     place_loose_params(ours, patcher.load_device)
-    return ours, Runtime(attn_fn=comfy_attention(), compute_dtype=handle.compute_dtype)
+    runtime = Runtime(attn_fn=comfy_attention(), compute_dtype=handle.compute_dtype, compile=handle.compile,
+                      cuda_graphs=handle.cuda_graphs)
+    runtime.check(patcher.load_device)  # cuda_graphs off a CUDA device: an error now, not mid-stream
+    return ours, runtime
 
 
 @dataclass(frozen=True)

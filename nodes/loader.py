@@ -205,13 +205,28 @@ def _preset_inputs(default_hint: str):
     ]
 
 
+def _speed_inputs() -> list:
+    """Optional (graphs saved before them still validate), at the end, off by default."""
+    return [
+        io.Boolean.Input("compile", default=False, advanced=True, optional=True,
+                         tooltip="Run steady blocks (a full rolling window) through torch.compile with static "
+                                 "shapes: one compile (minutes for LTX-2 19B) at the first steady block, then "
+                                 "every steady block replays it. Off: plain PyTorch."),
+        io.Boolean.Input("cuda_graphs", default=False, advanced=True, optional=True,
+                         tooltip="Replay steady blocks as CUDA graphs (one capture per denoising step, then one "
+                                 "launch per forward instead of thousands of kernel launches). CUDA only; needs "
+                                 "a rolling window; not with parallel modalities."),
+    ]
+
+
 def _sources_line(sources: dict) -> str:
     heads = {k.split("_")[0]: v for k, v in sources.items() if k.endswith("_heads")}
     return "heads from " + ", ".join(f"{k}: {v}" for k, v in heads.items()) if heads else ""
 
 
 def load_managed(gen_path: Path, base_path, weight_dtype: torch.dtype | str | None = None, layout: str = "auto",
-                 conventions: dict | None = None, label: str = "OmniForcing", architecture: dict | None = None):
+                 conventions: dict | None = None, label: str = "OmniForcing", architecture: dict | None = None,
+                 compile: bool = False, cuda_graphs: bool = False):
     """Load a generator (over an optional base) with comfy.ops layers into a CoreModelPatcher that
     carries our handle: (patcher, info line). weight_dtype: None (as stored) or a dtype (or its name)."""
     import comfy.model_management as mm
@@ -235,7 +250,8 @@ def load_managed(gen_path: Path, base_path, weight_dtype: torch.dtype | str | No
             f"weights {_dtype_name(report.weight_dtype)}, compute {_dtype_name(report.compute_dtype)}, layout {kind}, "
             f"text connectors {'yes' if report.config.connectors else 'no (use 7680-wide LTX-2.0 conditioning)'}; "
             f"{_sources_line(report.config_source)}\n{_conventions_info(conv)}")
-    patcher.set_attachments(ATTACHMENT, ModelHandle(transformer, kind, info))
+    patcher.set_attachments(ATTACHMENT, ModelHandle(transformer, kind, info, compile=bool(compile),
+                                                    cuda_graphs=bool(cuda_graphs)))
     log.info(info)
     return patcher, info
 
@@ -279,6 +295,7 @@ class OmniForcingModelLoader(io.ComfyNode):
                                         "whose shapes are not a known architecture (LTX-2 19B is recognised): "
                                         "e.g. 'video=32, audio=32, connector=30'. auto: header or known "
                                         "architecture, else an error saying what is missing."),
+                *_speed_inputs(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.String.Output(display_name="info", tooltip="What was loaded and which conventions apply, "
@@ -288,14 +305,15 @@ class OmniForcingModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, generator, base, weight_dtype, layout, rope, rope_precision="auto",
                 av_gate_multiplier="auto", conventions="auto", convention_overrides="",
-                heads="auto") -> io.NodeOutput:
+                heads="auto", compile=False, cuda_graphs=False) -> io.NodeOutput:
         gen_path = resolve_source(generator)
         base_path = None if base == NONE else resolve_source(base)
         if base_path is not None and base_path == gen_path:
             base_path = None
         patcher, info = load_managed(gen_path, base_path, as_dtype(weight_dtype, "weight_dtype"), layout,
                                      _conventions(rope, rope_precision, av_gate_multiplier, conventions,
-                                                  convention_overrides), architecture=_architecture(heads))
+                                                  convention_overrides), architecture=_architecture(heads),
+                                     compile=compile, cuda_graphs=cuda_graphs)
         return io.NodeOutput(patcher, info)
 
 
@@ -374,6 +392,7 @@ class OmniForcingFromNativeModel(io.ComfyNode):
                 *_preset_inputs("comfyui, with the native model's RoPE layout, precision, positions and gate "
                                 "multiplier (what ComfyUI's own forward does). For the released OmniForcing "
                                 "student loaded natively, pick omniforcing-student."),
+                *_speed_inputs(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"),
                      io.String.Output(display_name="info", tooltip="Detected configuration and conventions, each "
@@ -382,7 +401,7 @@ class OmniForcingFromNativeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, layout, rope, rope_precision="auto", av_gate_multiplier="auto", conventions="auto",
-                convention_overrides="") -> io.NodeOutput:
+                convention_overrides="", compile=False, cuda_graphs=False) -> io.NodeOutput:
         base = getattr(model, "model", None)
         dm = getattr(base, "diffusion_model", None)
         if type(dm).__name__ != "LTXAVModel":
@@ -400,5 +419,6 @@ class OmniForcingFromNativeModel(io.ComfyNode):
         info = (f"OmniForcing over the native LTX-2 MODEL (shared weights): {cfg.num_layers} layers, "
                 f"compute {compute}, layout {kind}; {_sources_line(sources)}\n{_conventions_info(conv)}")
         patched = model.clone()
-        patched.set_attachments(ATTACHMENT, ModelHandle(ours, kind, info, native=dm, compute_dtype=compute))
+        patched.set_attachments(ATTACHMENT, ModelHandle(ours, kind, info, native=dm, compute_dtype=compute,
+                                                        compile=bool(compile), cuda_graphs=bool(cuda_graphs)))
         return io.NodeOutput(patched, info)

@@ -107,6 +107,8 @@ class StreamCache:
         self.on_grow = None  # called with the bytes about to be allocated (memory checks)
         self.itemsize = torch.empty((), dtype=dtype).element_size()  # bytes per K/V element
         self._memo: dict[str, OrderedDict] = {"stream": OrderedDict(), "position": OrderedDict()}
+        self._write_idx: dict[str, torch.Tensor] = {}
+        self.graphs = None  # CUDA graphs of this stream's steady forwards (model.GraphedForwards), if any
 
     # -- values a stream derives once (conditioning per sigma, RoPE tables per position) ---------
     MEMO_STREAM = 16  # distinct sigmas a stream's memo holds (a few-step schedule uses 5)
@@ -172,7 +174,38 @@ class StreamCache:
         self.slot_blocks[self._slot] = block.index
         self._filled = sum(1 for b in self.slot_blocks if b >= 0)
         self._visible = [b <= block.index for b in self.slot_blocks[: self._filled]]
+        if self.steady:
+            for kind in KINDS:  # where this block writes, as a device tensor at a fixed address
+                s, e = self.write_range(kind)
+                idx = self._write_idx.get(kind)
+                if idx is None:
+                    self._write_idx[kind] = idx = torch.empty(e - s, dtype=torch.long, device=self.device)
+                torch.arange(s, e, device=self.device, out=idx)
         return self.view()
+
+    @property
+    def steady(self) -> bool:
+        """A steady block: the ring is full and every key is visible, so every buffer, every read length and
+        every tensor shape is the same as for the previous block; only the write position changes, and it
+        is a device tensor (`write_index`). Such a block can be captured once (CUDA graph) or compiled with
+        static shapes and replayed for every later block."""
+        cap = self.policy.max_slots
+        return (cap is not None and self.block is not None and self.block.index > 0 and self._filled == cap
+                and all(self._visible))
+
+    def write_index(self, kind: str) -> torch.Tensor:
+        """The current (steady) block's key positions in the buffer, on the device."""
+        return self._write_idx[kind]
+
+    def static_update(self, layer: int, kind: str, k: torch.Tensor, v: torch.Tensor):
+        """`update` for a steady block with no Python value that changes from block to block: the write
+        position is a device tensor and the read is the whole ring (what CUDA graphs and torch.compile
+        with static shapes need)."""
+        kb, vb = self.k[layer][kind], self.v[layer][kind]
+        idx = self._write_idx[kind]
+        kb.index_copy_(1, idx, k.detach().to(kb.dtype))
+        vb.index_copy_(1, idx, v.detach().to(vb.dtype))
+        return kb, vb, None
 
     def view(self) -> BlockView:
         """The current block's view (see `begin_block`)."""

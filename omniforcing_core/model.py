@@ -102,9 +102,21 @@ class Runtime:
     attn_fn: AttentionFn = sdpa_attention
     compute_dtype: Optional[torch.dtype] = None
     parallel_modalities: bool = False
+    # steady blocks (a full rolling window: fixed shapes, see StreamCache.steady) run compiled with
+    # torch.compile (static shapes, one graph for every steady forward) and/or replayed as CUDA graphs
+    # (one per sigma per stream); every other forward runs eagerly. Both off by default (bench.py).
+    compile: bool = False
+    cuda_graphs: bool = False
 
     def dtype_of(self, model: "OmniForcingTransformer") -> torch.dtype:
         return self.compute_dtype or model.dtype
+
+    def check(self, device: torch.device) -> None:
+        if self.cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, the model is on {device}; turn it off "
+                             f"(compile works on any device)")
+        if self.cuda_graphs and self.parallel_modalities:
+            raise ValueError("cuda_graphs capture one stream: turn parallel_modalities off with it")
 
 
 _STREAMS: dict = {}  # device -> (video stream, audio stream), made once
@@ -166,17 +178,19 @@ class FullAttention(_Attention):
 
 
 class CachedAttention(_Attention):
-    """One block: write K/V into the stream cache and attend to all it holds (no mask needed)."""
+    """One block: write K/V into the stream cache and attend to all it holds (no mask needed).
+    `static`: a steady block written through device-tensor positions (`StreamCache.static_update`)."""
 
-    def __init__(self, cache: StreamCache, ropes: BlockRopes, runtime: Runtime, device):
+    def __init__(self, cache: StreamCache, ropes: BlockRopes, runtime: Runtime, device, static: bool = False):
         super().__init__(runtime, device)
-        self.cache, self.ropes, self.block_ropes = cache, ropes.own, ropes
+        self.cache, self.ropes, self.block_ropes, self.static = cache, ropes.own, ropes, static
 
     def keys(self, layer: int, kind: str, k, v):
         read = self.block_ropes.read
         if read is None:  # absolute positions: store rotated keys
             k = apply_rope(k, self.ropes.key(kind))
-        k, v, mask = self.cache.update(layer, kind, k, v)
+        update = self.cache.static_update if self.static else self.cache.update
+        k, v, mask = update(layer, kind, k, v)
         if read is not None:  # re-based positions (a window: one contiguous ring): rotate every visible key now
             k = apply_rope(k, read.key(kind))
         return k, v, mask
@@ -479,23 +493,26 @@ class OmniForcingTransformer(nn.Module):
         ash, asc = (self.audio_scale_shift_table.to(dt)[None, None] + c.a_emb[:, :, None]).unbind(2)
         return StepConditioning(layers, (sh, 1 + sc), (ash, 1 + asc))
 
-    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype,
-             memo: Optional[StreamCache] = None):
-        b, c, f, h, w = video.shape
-        t_a = audio.shape[2]
+    def _conditioning_for(self, video, audio, video_sigma, audio_sigma, sinks: int, dt: torch.dtype,
+                          memo: Optional[StreamCache] = None) -> StepConditioning:
+        b, f, t_a = video.shape[0], video.shape[2], audio.shape[2]
         vs = sigma_rows(video_sigma, b, f, video.device)
         as_ = sigma_rows(audio_sigma, b, t_a, video.device)
+        rows = (f, t_a + sinks)
+        if memo is None:
+            return self.step_conditioning(vs, as_, sinks, dt, rows)
+        # made once per distinct sigma for the whole stream
+        key = ("cond", sigma_key(video_sigma), sigma_key(audio_sigma), b, rows, sinks, dt)
+        return memo.memo(key, lambda: self.step_conditioning(vs, as_, sinks, dt, rows), keep=(video_sigma, audio_sigma))
+
+    def _body(self, video, audio, cond: StepConditioning, text: TextKV, ctx, sinks: int, dt: torch.dtype):
+        """Patchify, the layers, the output heads: tensors in, tensors out (what compile / CUDA graphs take)."""
+        b, c, f, h, w = video.shape
+        t_a = audio.shape[2]
         xv = self.patchify_proj(video.to(dt).permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c))
         xa = self.audio_patchify_proj(audio.to(dt).permute(0, 2, 1, 3).reshape(b, t_a, -1))
         if sinks:
             xa = torch.cat([self.audio_sink_tokens.to(dt).expand(b, -1, -1), xa], 1)
-        rows = (f, t_a + sinks)
-        if memo is None:
-            cond = self.step_conditioning(vs, as_, sinks, dt, rows)
-        else:  # made once per distinct sigma for the whole stream
-            key = ("cond", sigma_key(video_sigma), sigma_key(audio_sigma), b, rows, sinks, dt)
-            cond = memo.memo(key, lambda: self.step_conditioning(vs, as_, sinks, dt, rows),
-                             keep=(video_sigma, audio_sigma))
         tpf = h * w
         for i, blk in enumerate(self.transformer_blocks):
             xv, xa = blk(xv, xa, cond.layers[i], tpf, text, i, ctx)
@@ -505,6 +522,11 @@ class OmniForcingTransformer(nn.Module):
         yv = yv.view(b, f, h, w, -1).permute(0, 4, 1, 2, 3)
         ya = ya.view(b, t_a, audio.shape[1], audio.shape[3]).permute(0, 2, 1, 3)
         return yv, ya
+
+    def _run(self, video, audio, video_sigma, audio_sigma, text: TextKV, ctx, sinks: int, dt: torch.dtype,
+             memo: Optional[StreamCache] = None):
+        cond = self._conditioning_for(video, audio, video_sigma, audio_sigma, sinks, dt, memo)
+        return self._body(video, audio, cond, text, ctx, sinks, dt)
 
     def forward(self, video, audio, video_sigma, audio_sigma, text: TextKV,
                 layout: Optional[BlockLayout] = None, window: Optional[int] = None, runtime: Runtime = Runtime()):
@@ -531,9 +553,24 @@ class OmniForcingTransformer(nn.Module):
         if video.shape[2] != blk.video_len or audio.shape[2] != blk.audio_len:
             raise ValueError(f"block {blk.index} holds {blk.video_len} video / {blk.audio_len} audio latents, "
                              f"got {video.shape[2]} / {audio.shape[2]}")
-        ctx = CachedAttention(cache, ropes, runtime, self.device)
-        return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks, runtime.dtype_of(self),
-                         memo=cache)
+        dt = runtime.dtype_of(self)
+        static = (runtime.compile or runtime.cuda_graphs) and cache.steady and not torch.is_grad_enabled()
+        if not static:
+            ctx = CachedAttention(cache, ropes, runtime, self.device)
+            return self._run(video, audio, video_sigma, audio_sigma, text, ctx, blk.sinks, dt, memo=cache)
+        runtime.check(self.device)
+        cond = self._conditioning_for(video, audio, video_sigma, audio_sigma, blk.sinks, dt, cache)
+        body = compiled_body() if runtime.compile else OmniForcingTransformer._body
+
+        def run(video, audio, ropes):
+            ctx = CachedAttention(cache, ropes, runtime, self.device, static=True)
+            return body(self, video, audio, cond, text, ctx, blk.sinks, dt)
+        if not runtime.cuda_graphs:
+            return run(video, audio, ropes)
+        if cache.graphs is None:
+            cache.graphs = GraphedForwards()
+        key = (id(cond), id(text), tuple(video.shape), tuple(audio.shape), runtime.compile)
+        return cache.graphs.run(key, run, video, audio, ropes, keep=(cond, text))
 
     def new_cache(self, layout: BlockLayout, grid_hw: tuple[int, int], policy=None, batch: int = 1,
                   dtype: Optional[torch.dtype] = None) -> StreamCache:
@@ -543,3 +580,70 @@ class OmniForcingTransformer(nn.Module):
         dims = {"video_self": cfg.video_dim, "audio_self": cfg.audio_dim, "a2v": cfg.cross_dim, "v2a": cfg.cross_dim}
         return StreamCache(cfg.num_layers, layout, grid_hw[0] * grid_hw[1], dims, policy or CachePolicy(), batch,
                            self.device, dtype or self.dtype)
+
+
+# -- static steady blocks: torch.compile and CUDA graphs ---------------------------------------------
+
+_COMPILED: dict = {}
+
+
+def compiled_body():
+    """`OmniForcingTransformer._body` under torch.compile with static shapes, made once per process; a
+    steady block has one set of shapes, so every steady forward of a stream replays one graph (parameters
+    are graph inputs, so models of one architecture share it)."""
+    if "body" not in _COMPILED:
+        _COMPILED["body"] = torch.compile(OmniForcingTransformer._body, dynamic=False)
+    return _COMPILED["body"]
+
+
+def _rope_tensors(ropes: BlockRopes) -> list:
+    parts = [ropes.own] + ([ropes.read] if ropes.read is not None else [])
+    return [t for r in parts for f in _FIELDS for t in getattr(r, f).tensors()]
+
+
+def _with_rope_tensors(ropes: BlockRopes, tensors: list) -> BlockRopes:
+    it = iter(tensors)
+
+    def rebuild(r: Ropes) -> Ropes:
+        return Ropes(*(getattr(r, f).with_tensors(it) for f in _FIELDS))
+    return BlockRopes(rebuild(ropes.own), None if ropes.read is None else rebuild(ropes.read))
+
+
+class GraphedForwards:
+    """CUDA graphs of one stream's steady forwards, one per key (a sigma's conditioning and the prompt),
+    sharing one memory pool (they replay one at a time). The graph reads the cache buffers, the block's
+    write positions and every conditioning tensor at fixed addresses; the latents and the block's RoPE
+    tables are copied into its static inputs before each replay."""
+
+    def __init__(self, capture=None):
+        self.entries: dict = {}
+        self.pool = None
+        self._capture = capture or self._cuda_capture  # (fn, static inputs) -> (replay, static outputs)
+
+    def _cuda_capture(self, fn, static):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (the writes are the ones the call makes anyway)
+            fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn(*static)
+        self.pool = graph.pool()
+        return graph.replay, out
+
+    def run(self, key, run, video, audio, ropes: BlockRopes, keep=()):
+        tensors = [video, audio, *_rope_tensors(ropes)]
+        entry = self.entries.get(key)
+        if entry is None:
+            static = [t.clone() for t in tensors]
+
+            def fn(v, a, *rt):
+                return run(v, a, _with_rope_tensors(ropes, list(rt)))
+            replay, out = self._capture(fn, static)
+            entry = self.entries[key] = (replay, static, out, keep)
+        replay, static, out, _ = entry
+        for dst, src in zip(static, tensors):
+            dst.copy_(src)
+        replay()
+        return tuple(o.clone() for o in out)

@@ -100,33 +100,41 @@ _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 @dataclass
 class PreparedRope:
-    """A `RopeTable` cast to the compute dtype once, in the form that rotates with the fewest passes:
-      * interleaved, float32/float64: one complex factor per pair, so the rotation is one complex
-        multiply (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin) - the definition;
-      * otherwise (bf16/fp16, or split): cos and a signed sin (the sign of the rotation folded in), so
-        the rotation is x * cos + swap(x) * signed_sin."""
+    """A `RopeTable` cast to the compute dtype once, in the forms that rotate with the fewest passes:
+      * cos and a signed sin (the sign of the rotation folded in): x * cos + swap(x) * signed_sin;
+      * interleaved, float32/float64, also one complex factor per pair, so that eagerly the rotation is
+        one complex multiply (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos + x0 sin) - the
+        definition (under torch.compile the real form is used: it fuses with its neighbours)."""
 
     kind: str
-    cos: Optional[torch.Tensor] = None
-    signed_sin: Optional[torch.Tensor] = None
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
     factor: Optional[torch.Tensor] = None  # complex [T, D/2] (interleaved, float32/float64)
 
     @staticmethod
     def of(table: RopeTable, dtype: torch.dtype) -> "PreparedRope":
         cos, sin = table.cos, table.sin
+        factor = None
         if table.kind == "interleaved" and dtype in _COMPLEX:
-            cdt = _COMPLEX[dtype]
-            return PreparedRope(table.kind, factor=torch.complex(cos[..., 0::2].to(dtype), sin[..., 0::2].to(dtype)).to(cdt))
+            factor = torch.complex(cos[..., 0::2].to(dtype), sin[..., 0::2].to(dtype)).to(_COMPLEX[dtype])
         if table.kind == "interleaved":  # pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
             signed = torch.stack([-sin[..., 0::2], sin[..., 1::2]], -1).flatten(-2)
         else:  # per head halves (a, c) -> (a cos - c sin, c cos + a sin)
             signed = torch.cat([-sin, sin], -1)
             cos = torch.cat([cos, cos], -1)
-        return PreparedRope(table.kind, cos.to(dtype), signed.to(dtype))
+        return PreparedRope(table.kind, cos.to(dtype), signed.to(dtype), factor)
+
+    def tensors(self) -> list:
+        return [t for t in (self.cos, self.signed_sin, self.factor) if t is not None]
+
+    def with_tensors(self, it) -> "PreparedRope":
+        """The same table with its tensors taken in order from `it` (static copies for a CUDA graph)."""
+        return PreparedRope(self.kind, *(None if t is None else next(it) for t in (self.cos, self.signed_sin,
+                                                                                     self.factor)))
 
     @property
     def length(self) -> int:
-        return (self.factor if self.factor is not None else self.cos).shape[0]
+        return self.cos.shape[0]
 
     def slice(self, start: int, end: int) -> "PreparedRope":
         cut = lambda t: None if t is None else t[start:end]  # noqa: E731
@@ -311,12 +319,12 @@ def apply_rope(x: torch.Tensor, table: Optional[RopeTable | PreparedRope]) -> to
     if isinstance(table, RopeTable):
         table = table.prepare(x.dtype)
     b, t, d = x.shape
-    if table.factor is not None and table.factor.dtype == _COMPLEX.get(x.dtype) and _pairs_viewable(x):
+    if (table.factor is not None and not torch.compiler.is_compiling()  # (compiled: the real form, which fuses)
+            and table.factor.dtype == _COMPLEX.get(x.dtype) and _pairs_viewable(x)):
         xc = torch.view_as_complex(x.view(b, t, d // 2, 2))
         return torch.view_as_real(xc * table.factor).view(b, t, d)
-    if table.factor is not None:  # an odd dtype or layout: the real form of the same rotation
-        table = PreparedRope(table.kind, torch.view_as_real(table.factor)[..., 0].repeat_interleave(2, -1).to(x.dtype),
-                             torch.stack([-table.factor.imag, table.factor.imag], -1).flatten(-2).to(x.dtype))
+    if table.cos.dtype != x.dtype:
+        table = PreparedRope(table.kind, table.cos.to(x.dtype), table.signed_sin.to(x.dtype))
     if table.kind == "interleaved":
         swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         return torch.addcmul(x * table.cos, swapped, table.signed_sin)

@@ -210,3 +210,74 @@ def test_prepared_rope_equals_the_rotation(kind, dtype):
     got = apply_rope(x.to(dtype), tab.prepare(dtype)).double()
     tol = {torch.float32: 1e-5, torch.float64: 1e-13, torch.bfloat16: 5e-2}[dtype]
     assert (got - want).abs().max().item() < tol
+
+
+# -- static steady blocks: one compiled graph, replayable CUDA graphs ------------------------------------
+
+def _rolling(model, text, n, runtime=None, prepare=None):
+    from omniforcing_core.model import Runtime
+    clip = make_clip(make_layout("v2"), 64, 96, num_blocks=n, seed=2)
+    s = Sampler(model, clip, text, policy=CachePolicy(window=2), runtime=runtime or Runtime())
+    if prepare is not None:
+        prepare(s)
+    with torch.no_grad():
+        blocks = list(s)
+    return torch.cat([b.video for b in blocks], 2), torch.cat([b.audio for b in blocks], 2)
+
+
+def test_steady_blocks_trace_to_one_static_graph_without_breaks(monkeypatch):
+    """torch.compile(fullgraph=True) of a steady block's forward: one graph for every steady forward of the
+    stream (4 sigmas + the refresh, 5 blocks: the write position is a device tensor, not a constant), and
+    the same values as the eager loop (float64)."""
+    from omniforcing_core import model as M
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+    torch._dynamo.reset()
+    monkeypatch.setitem(M._COMPILED, "body", torch.compile(M.OmniForcingTransformer._body, dynamic=False,
+                                                           fullgraph=True, backend=backend))
+    model = random_model(TINY, seed=0, dtype=torch.float64)
+    text = toy_text(model, "x")
+    v, a = _rolling(model, text, 8, M.Runtime(compile=True))
+    ev, ea = _rolling(model, text, 8)
+    assert len(graphs) == 1
+    assert (v - ev).abs().max().item() < 1e-12 and (a - ea).abs().max().item() < 1e-12
+    torch._dynamo.reset()
+
+
+def test_graph_replays_refresh_their_inputs_one_graph_per_sigma(monkeypatch):
+    """The CUDA-graph runner's bookkeeping, with a stand-in capture that replays by re-running the captured
+    function on its static inputs (what a CUDA graph does): one capture per distinct sigma, every later
+    steady forward a replay with the new latents, RoPE tables and write positions, outputs equal to eager."""
+    from omniforcing_core import model as M
+    captures, replays = [], []
+
+    def capture(fn, static):
+        out = fn(*static)
+        captures.append(1)
+
+        def replay():
+            replays.append(1)
+            for o, n in zip(out, fn(*static)):
+                o.copy_(n)
+        return replay, out
+    monkeypatch.setattr(M.Runtime, "check", lambda self, device: None)  # no CUDA here
+    model = random_model(TINY, seed=0, dtype=torch.float64)
+    text = toy_text(model, "x")
+
+    def with_runner(s):
+        s.backend.cache.graphs = M.GraphedForwards(capture)
+    v, a = _rolling(model, text, 8, M.Runtime(cuda_graphs=True), with_runner)
+    ev, ea = _rolling(model, text, 8)
+    assert len(captures) == len(make_schedule().sigmas) + 1  # one per sigma (the refresh's 0 included)
+    assert len(replays) == 5 * 5  # blocks 3..7 are steady, 5 forwards each
+    assert (v - ev).abs().max().item() < 1e-12 and (a - ea).abs().max().item() < 1e-12
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    from omniforcing_core.model import Runtime
+    model = random_model(TINY, seed=0)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        _rolling(model, toy_text(model, "x"), 5, Runtime(cuda_graphs=True))
