@@ -197,13 +197,33 @@ class TextProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """A Linear whose forward is F.linear on its own weight (ours or torch's; not ComfyUI's casting and
+    patching layers, not fp8): its GEMM may be replaced by a fused one."""
+    from .ops import Linear
+    return type(m) in (nn.Linear, Linear)
+
+
+def linear_gelu_tanh(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(proj(x)). On CPU in float32 (inference) one oneDNN matmul with the GELU-tanh in its
+    epilogue (bias + GELU applied as the tiles are written: no extra pass over the 4x-wide hidden state);
+    elsewhere the layer then `gelu_tanh`."""
+    w, b = proj.weight, proj.bias
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device == x.device
+            and (b is None or b.dtype == torch.float32) and _plain_linear(proj)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+    return gelu_tanh(proj(x))
+
+
 class _GeluProj(nn.Module):
     def __init__(self, dim, inner, ops, dtype=None, device=None):
         super().__init__()
         self.proj = ops.Linear(dim, inner, dtype=dtype, device=device)
 
     def forward(self, x):
-        return gelu_tanh(self.proj(x))
+        return linear_gelu_tanh(self.proj, x)
 
 
 class FeedForward(nn.Module):

@@ -281,3 +281,21 @@ def test_cuda_graphs_need_a_cuda_device():
     model = random_model(TINY, seed=0)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         _rolling(model, toy_text(model, "x"), 5, Runtime(cuda_graphs=True))
+
+
+def test_fused_linear_gelu_equals_the_layer_then_gelu():
+    """The CPU float32 GEMM with GELU in its epilogue equals Linear then GELU-tanh (float rounding), and is
+    not used where it could be wrong: float64, gradients, layers that are not a plain Linear."""
+    from omniforcing_core.layers import linear_gelu_tanh
+    from omniforcing_core.ops import Linear
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(32, 96)
+    x = torch.randn(2, 7, 32, generator=g)
+    want = 0.5 * (y := F.linear(x.double(), lin.weight.double(), lin.bias.double())) * (
+        1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+    with torch.no_grad():
+        assert (linear_gelu_tanh(lin, x).double() - want).abs().max().item() < 1e-5
+        assert (linear_gelu_tanh(lin.double(), x.double()) - want).abs().max().item() < 1e-12
+    out = linear_gelu_tanh(lin, x.requires_grad_())
+    out.sum().backward()  # the training path keeps autograd
+    assert x.grad is not None and (out.detach().double() - want).abs().max().item() < 1e-5
