@@ -24,7 +24,7 @@ const START_DEFAULT = 1.0; // about one block
 // never reaches its end while the stream goes on (it would fire 'waiting' or freeze the picture)
 const LIVE_MARGIN = 0.25;
 const TICK_MS = 40; // about one frame at 24 fps: the margin is reached with ~5 checks to spare
-const PREPARE_AHEAD = 2.0; // file mode: load the grown file once less than this is left in the loaded one
+const PREPARE_AHEAD = 3.0; // file mode: load the grown file once less than this is left in the loaded one
 
 function viewUrl(filename, subfolder, type = "output") {
   const q = new URLSearchParams({ filename, subfolder: subfolder || "", type });
@@ -137,9 +137,10 @@ class LivePlayer {
     if (this.objectUrl) URL.revokeObjectURL(this.objectUrl);
     this.objectUrl = null;
     for (const v of this.videos) {
-      this.ownPause(v);
+      v.pause();
       v.removeAttribute("src");
       v.load();
+      v.ofOwnPause = v.ofOwnPlay = false; // load() dropped the events these were waiting for
     }
     this.setFront(0);
     this.appended = new Set();
@@ -282,6 +283,8 @@ class LivePlayer {
 
   tick() {
     if (!this.info || this.state === "ended") return;
+    // only the front element is ever heard: one left playing behind would double the sound
+    for (const b of this.videos) if (b !== this.video && !b.paused) this.ownPause(b);
     if (this.mode === "file") this.fileTick();
     const v = this.video;
     if (!v.currentSrc || v.readyState < 1) return this.showStatus();
@@ -391,7 +394,11 @@ class LivePlayer {
     const b = this.videos[p.index];
     // where the back element must be to take over: exactly where a paused front is, or ahead of a playing one
     const behind = cur && (f.paused ? Math.abs(p.target - f.currentTime) > 0.001 : f.currentTime - p.target > 0.045);
-    if (behind) return this.seekPrep(p, f.paused ? f.currentTime : f.currentTime + this.lead);
+    if (behind) {
+      // it was not ready in time: aim further ahead from now on
+      if (!f.paused) this.lead = Math.min(2, 2 * this.lead);
+      return this.seekPrep(p, f.paused ? f.currentTime : f.currentTime + this.lead);
+    }
     if (!p.ready) {
       // ready when the seek is done and it can play on (polled: a missed event must not leave it stuck)
       if (!b.seeking && b.readyState >= 3 && Math.abs(b.currentTime - p.target) < 0.002) {
@@ -419,6 +426,8 @@ class LivePlayer {
     this.prep = p;
     this.stats.loads += 1;
     b.muted = true; // silent until it takes over
+    // a new source drops the element's queued events (a 'pause' of ours may never come): forget the flags
+    b.ofOwnPause = b.ofOwnPlay = false;
     b.addEventListener("loadedmetadata", () => {
       if (this.prep !== p) return;
       const f = this.video;

@@ -65,15 +65,17 @@ def test_workflow_loads_in_the_frontend_and_matches_its_api_copy(frontend, name)
 # -- the live player ---------------------------------------------------------------------------------
 FPS = 24
 FRAME_MS = 1000 / FPS  # 41.7
-# A/V offset at each presented frame (requestVideoFrameCallback: the element's clock, which follows the
-# audio, minus the frame's media time): within one video frame, plus one 60 Hz display refresh - the
-# callback runs at the vsync after the frame went on screen, and the clock reads up to that much later.
+# A/V offset at each presented frame (requestVideoFrameCallback): the element's clock, which follows the
+# audio, at the moment the frame is on screen, minus the frame's media time. In sync it lies within one
+# video frame (the frame shown is the one whose span holds the clock); the tolerance is one 60 Hz display
+# refresh, as the moment is the browser's predicted vsync and a frame may go out one vsync later.
 OFFSET_MAX_MS = FRAME_MS + 1000 / 60  # 58.4 ms
 # Picture age (the clock minus the frame on screen, every animation frame) catches a picture frozen while
-# the sound goes on, which presents no frames at all: it then grows by the length of the freeze (the
-# control: ~2000 ms; the issue saw 0.06-1.4 s). A busy software compositor on a shared 2-core machine
-# holds a frame for one or two extra vsyncs now and then (seen: 100 ms at load 4.8), so the bound allows
-# up to three frames late for a moment and two in the 95th percentile.
+# the sound goes on, which presents no frames at all: it grows for as long as the freeze lasts (the
+# control: ~2000 ms; the issue saw 0.06-1.4 s). In sync it stays below one frame plus one refresh (58 ms);
+# on a shared 2-core machine the software compositor sometimes shows a frame late right after a start or a
+# takeover (seen: up to 97 ms at load 3.5 with this page size), hence up to four frames for a moment and
+# two in the 95th percentile.
 PICTURE_AGE_MAX_MS = 4 * FRAME_MS  # 167 ms
 PICTURE_AGE_P95_MS = 2 * FRAME_MS  # 83 ms
 STREAM_S = 8
@@ -179,9 +181,10 @@ def _assert_smooth(r, seconds):
     assert q["frameOffset"]["max"] <= OFFSET_MAX_MS, q["frameOffset"]
     age = q["pictureAge"]
     assert age["max"] <= PICTURE_AGE_MAX_MS and age["p95"] <= PICTURE_AGE_P95_MS, (age, q["worst"][:5])
-    # a (re)start waits for the start buffer unless everything is there already
+    # a (re)start waits for the start buffer unless everything is there already (a file-mode takeover,
+    # which follows the other element's playing within a frame or two, is no restart)
     for s in q["starts"]:
-        if (s["gapMs"] is None or s["gapMs"] > 100) and not s["complete"]:
+        if (s["gapMs"] is None or s["gapMs"] > 300) and not s["complete"]:
             assert s["ahead"] >= r["startBuffer"] - 1e-3, (s, r["startBuffer"])
     assert r["screenshots"].get("playing") and Path(r["screenshots"]["playing"]).is_file()
 

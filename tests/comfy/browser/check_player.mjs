@@ -30,7 +30,8 @@ const browser = await chromium.launch({
 const consoleLines = [];
 
 async function openPage(label, bypassCSP) {
-  const ctx = await browser.newContext({ viewport: { width: 1600, height: 1000 }, bypassCSP });
+  // a small page: with software compositing (--disable-gpu) a big one starves the video of CPU on a shared box
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 760 }, bypassCSP });
   const p = await ctx.newPage();
   p.on("console", (m) => { if (m.type() === "error" || m.text().includes("[OmniForcing]")) consoleLines.push(`${label}: ${m.text()}`); });
   p.on("pageerror", (e) => consoleLines.push(`${label}: pageerror: ${e.message}`));
