@@ -110,8 +110,14 @@ async function measure(run) {
                                           filename_prefix: `omniforcing/player_${run.label}_${Date.now()}` })) set(k, v);
     stream.size = [420, 560];
     app.canvas.ds.scale = 1.0;
-    app.canvas.ds.offset = [-stream.pos[0] + 500, -stream.pos[1] + 40];
+    app.canvas.ds.offset = [-stream.pos[0] + 60, -stream.pos[1] + 40];
     app.canvas.setDirty(true, true);
+    // the player sits below the node's widgets: scroll the canvas so that it is in view
+    await new Promise((res) => setTimeout(res, 300));
+    const top = stream.omniforcingPlayer.root.getBoundingClientRect().y;
+    if (top > 0) app.canvas.ds.offset[1] -= top - 170;
+    app.canvas.setDirty(true, true);
+    await new Promise((res) => setTimeout(res, 300));
     if (run.margin !== undefined) stream.omniforcingPlayer.margin = run.margin;
     return { id: stream.id, startBuffer, before };
   }, { ui, run, SETTING });
