@@ -3,6 +3,7 @@ code itself on small random weights. The reference code is never copied into thi
 paths to checkouts of it.
 
     python tests/reference/make_fixtures.py --omniforcing PATH --comfyui PATH [--ltx2 PATH] [--out DIR]
+                                            [--only PART,...]
 
   --omniforcing  github.com/OmniForcing/OmniForcing (its `ltx-causal` package: LTX-2/packages/ltx-causal/src)
   --comfyui      ComfyUI at 783545f6 (comfy/ldm/lightricks); needs comfy-kitchen, comfy-aimdo, psutil,
@@ -14,15 +15,32 @@ Every reference runs in its own subprocess (ltx-causal and ltx-core both ship a 
 attention is sharp, every value rounded to bfloat16 so it is exact in float32 and float64 alike),
 inputs random, outputs whatever the reference returns. Files written (each a few hundred KB at most):
 
-  official_causal.safetensors  ltx-causal CausalLTXModel in float64: per-block velocities of the masked
-                               full-sequence path and of the KV-cache path (v2 layout, 3 blocks)
+  official_causal.safetensors  weights and inputs of the ltx-causal run below
+  official_causal.vml-*.safetensors  ltx-causal CausalLTXModel in float64: per-block velocities of the
+                               masked full-sequence path and of the KV-cache path (v2 layout, 3 blocks)
   bidirectional_weights.safetensors  the tiny model with text connectors, shared by the next two
   comfyui.safetensors          ComfyUI LTXAVModel in float32, raw text through its connectors: its default
                                configuration and the LTX-2 header's, scalar and per-token sigmas
   ltx_core.safetensors         ltx-core LTXModel (+ Embeddings1DConnector) in float32, LTX-2 header config
-  rope19b.safetensors          RoPE tables at the real 19B sizes (16 latent frames of 16x24, 126 audio
-                               latents) from each reference's own functions: SHA-256 of the float32
-                               cos/sin per rotated pair (metadata) and a strided sample of the values
+  rope19b_<ref>.vml-*.safetensors  RoPE tables at the real 19B sizes (16 latent frames of 16x24, 126
+                               audio latents) from each reference's own functions: SHA-256 of the float32
+                               cos/sin per rotated pair (metadata) and about SAMPLES values of each table
+                               (an odd stride through it)
+
+One file per CPU code path (VML_PATHS: `vml-avx512`, `vml-avx2`, `vml-compatible`, `vml-compatible-aten-default`)
+for every output that goes through torch's CPU float32 exp/sin/cos (the student's timestep embedding and RoPE
+tables, the 19B RoPE tables). torch computes them with MKL's VML, and MKL picks their code by CPU: its AVX-512
+code on an Intel CPU with AVX-512, its AVX2 code on an older Intel CPU, its generic code ("COMPATIBLE") on
+every other x86-64 CPU, AMD included (older Intel paths give the same values as the generic one). These round
+a few near-halfway values to different neighbours (1 ulp apart), so a reference's output is only reproducible
+on a CPU that takes the same path; ATEN_CPU_CAPABILITY and NPY_* do not change it. The fourth path is a CPU
+without AVX2: ATen's scalar code (ATEN_CPU_CAPABILITY=default), whose float32 `theta ** linspace` (the float32
+frequency grid) differs from its SLEEF code. The driver runs those parts once per path, selected by
+environment (MKL_CBWR, ATEN_CPU_CAPABILITY); on a non-Intel CPU MKL ignores MKL_CBWR for its Intel paths, so
+the driver then preloads a one-line library (built with `cc`) whose `mkl_serv_intel_cpu_true` says yes. Each
+file records `vml_probe()` of the process that wrote it, the driver checks that the paths' probes all differ
+(each took effect), and the tests use the file whose probe equals their own. The AVX-512 path needs a CPU with
+AVX-512.
 """
 from __future__ import annotations
 
@@ -38,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 # the official tiny model: TINY's widths, two layers, 32 latent channels, the v2 layout over 3 blocks
+OFFICIAL_BLOCKS = [(0, 4, 0, 26), (4, 7, 26, 51), (7, 10, 51, 76)]
 OFFICIAL = dict(num_layers=2, video_heads=2, video_head_dim=16, audio_heads=2, audio_head_dim=8, caption_channels=24,
                 in_channels=32, audio_in_channels=32, grid=(2, 3), video_latents=10, audio_latents=76,
                 audio_shape=(2, 16), text_len=7)
@@ -48,8 +67,67 @@ BIDIR = dict(num_layers=2, video_heads=2, video_head_dim=16, audio_heads=2, audi
 # the LTX-2 19B header's convention keys (as ComfyUI / ltx-core read them)
 LTX2_HEADER = dict(rope_type="split", frequencies_precision="float64", av_ca_timestep_scale_multiplier=1000.0,
                    causal_temporal_positioning=True, use_middle_indices_grid=True)
+# the CPU code paths that give different float32 exp/sin/cos/pow, and the environment that selects each (module doc)
+VML_PATHS = {"avx512": {"MKL_CBWR": "AVX512"}, "avx2": {"MKL_CBWR": "AVX2"}, "compatible": {"MKL_CBWR": "COMPATIBLE"},
+             "compatible-aten-default": {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}}
+VML_PATH = None  # the path this process was started for (--vml-path)
+VML_PARTS = ("official", "rope_official", "rope_comfyui", "rope_ltx_core")
 QK_SCALE = 3.0  # q/k-norm weights ~ 3: attention logits of std ~9, so a wrong position changes the output
 SEED = 20260311
+
+
+# -- MKL VML code paths ------------------------------------------------------------------------
+
+def vml_file(stem: str) -> str:
+    if VML_PATH not in VML_PATHS:
+        raise SystemExit(f"run this part with --vml-path one of {', '.join(VML_PATHS)} and its environment "
+                         "(the driver does)")
+    return f"{stem}.vml-{VML_PATH}.safetensors"
+
+
+def vml_probe() -> dict:
+    """SHA-256 (16 hex digits) of torch's float32 exp, sin, cos and scalar ** tensor on 65536 exactly built
+    inputs in the fixtures' ranges: they differ between MKL's VML code paths (exp between all three, sin/cos
+    between Intel's and the generic one), and pow between ATen's SLEEF and scalar (ATEN_CPU_CAPABILITY=default)
+    paths."""
+    import torch
+    i = torch.arange(1 << 16, dtype=torch.float32)
+    angles, small, unit = i * 0.625 - 20480.0, i * (20.0 / 65536) - 10.0, i / 65536.0  # all exact
+
+    def h(t):
+        return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"exp": h(torch.exp(small)), "sin": h(torch.sin(angles)), "cos": h(torch.cos(angles)),
+            "pow": h(10000.0 ** unit)}
+
+
+def _vml_meta(meta: dict) -> dict:
+    return {**meta, "vml_path": VML_PATH, "vml_env": VML_PATHS[VML_PATH], "vml_probe": vml_probe()}
+
+
+def _vml_envs() -> dict:
+    """Per code path, the environment that selects it, checked by the probe (module doc)."""
+    def distinct(extra: dict) -> bool:
+        got = set()
+        for name, env in VML_PATHS.items():
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe"], capture_output=True,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env, **extra})
+            if r.returncode:
+                raise SystemExit(f"probe for {name} ({env}) failed:\n{r.stderr[-2000:]}")
+            got.add(r.stdout.strip())
+        return len(got) == len(VML_PATHS)
+
+    extra = {}
+    if not distinct(extra):  # not an Intel CPU: tell MKL it is one
+        import tempfile
+        src = Path(tempfile.mkdtemp()) / "mkl_intel_cpu.c"
+        src.write_text("int mkl_serv_intel_cpu_true(void) { return 1; }\n")
+        lib = src.with_suffix(".so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+        extra = {"LD_PRELOAD": " ".join(filter(None, (os.environ.get("LD_PRELOAD"), str(lib))))}
+        if not distinct(extra):
+            raise SystemExit(f"the environments of {', '.join(VML_PATHS)} do not give different probes here, even "
+                             "with MKL told the CPU is Intel (the AVX-512 path needs a CPU with AVX-512)")
+    return {name: {**env, **extra} for name, env in VML_PATHS.items()}
 
 
 # -- our side: weights and inputs --------------------------------------------------------------
@@ -177,11 +255,14 @@ def part_official(repo: Path, out: Path) -> None:
                                in_channels=o["in_channels"], out_channels=o["in_channels"],
                                caption_channels=o["caption_channels"], video_frame_seqlen=h * w)
     model = CausalLTXModel(cfg).double().eval()
-    sd = sharp_bf16_weights(official_config(), SEED)
+    if not (out / "official_causal.safetensors").is_file():
+        raise SystemExit(f"no {out / 'official_causal.safetensors'}: the driver writes it (write_official_inputs)")
+    fx = _load(out / "official_causal.safetensors")  # one set of weights and inputs for every code path
+    sd = {k[2:]: v for k, v in fx.items() if k.startswith("w.")}
+    x = {k: v for k, v in fx.items() if k.startswith("in.")}
     _load_into(model, sd, torch.float64)
     for blk in model.transformer_blocks:
         blk._store_gate_stats = False
-    x = official_inputs()
 
     def to_official_v(v):  # ours [B, C, F, H, W] -> official [B, F, C, H, W]
         return v.permute(0, 2, 1, 3, 4).contiguous()
@@ -196,7 +277,7 @@ def part_official(repo: Path, out: Path) -> None:
         c, m = o["audio_shape"]
         return a.reshape(a.shape[0], a.shape[1], c, m).permute(0, 2, 1, 3).contiguous()
 
-    blocks = [(0, 4, 0, 26), (4, 7, 26, 51), (7, 10, 51, 76)]
+    blocks = OFFICIAL_BLOCKS
     vctx, actx = x["in.video_context"], x["in.audio_context"]
     outs = {k: torch.zeros_like(x[f"in.{m}_noisy"]) for k, m in
             (("out.masked.video", "video"), ("out.masked.audio", "audio"), ("out.kv.video", "video"),
@@ -231,10 +312,21 @@ def part_official(repo: Path, out: Path) -> None:
             model(to_official_v(vc), to_official_a(ac), torch.zeros(1, ve - vs), vctx, actx,
                   audio_timesteps=torch.zeros(1, ae - as_), kv_caches=caches,
                   current_video_start_frame=vs, current_audio_start_frame=as_)
-    meta = {"reference": "OmniForcing ltx-causal CausalLTXModel (forward masked; forward with kv_caches)",
-            "commit": _git_rev(repo), "dtype": "float64", "blocks": blocks, "config": OFFICIAL,
+    _save(outs, out / vml_file("official_causal"), _vml_meta(_official_meta(repo)))
+
+
+def _official_meta(repo: Path) -> dict:
+    return {"reference": "OmniForcing ltx-causal CausalLTXModel (forward masked; forward with kv_caches)",
+            "commit": _git_rev(repo), "dtype": "float64", "blocks": OFFICIAL_BLOCKS, "config": OFFICIAL,
             "qk_scale": QK_SCALE, "seed": SEED}
-    _save({**{f"w.{k}": v for k, v in sd.items()}, **x, **outs}, out / "official_causal.safetensors", meta)
+
+
+def write_official_inputs(out: Path, repo: Path) -> None:
+    """The student's weights and inputs, made once (torch.randn's values depend on ATEN_CPU_CAPABILITY too) and
+    read by part_official on every code path."""
+    sd = sharp_bf16_weights(official_config(), SEED)
+    _save({**{f"w.{k}": v for k, v in sd.items()}, **official_inputs()}, out / "official_causal.safetensors",
+          _official_meta(repo))
 
 
 # -- ComfyUI: LTXAVModel ----------------------------------------------------------------------
@@ -383,7 +475,7 @@ def part_ltx_core(repo: Path, out: Path) -> None:
 
 R19 = dict(video_dim=4096, audio_dim=2048, cross_dim=2048, heads=32, frames=16, grid=(16, 24), audio=126, fps=24,
            blocks=[(0, 4, 0, 26), (4, 7, 26, 51), (7, 10, 51, 76), (10, 13, 76, 101), (13, 16, 101, 126)])
-SAMPLE_STRIDE = 4099
+SAMPLES = 1024  # values sampled from each table
 
 
 def canonical(cos, sin, layout: str, heads: int):
@@ -401,11 +493,11 @@ def digest(t) -> str:
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()
 
 
-def _record(tabs: dict, name: str, cos, sin, sample: bool) -> None:
-    tabs["hash"][name] = {"cos": digest(cos), "sin": digest(sin), "shape": list(cos.shape)}
-    if sample:
-        tabs["tensors"][f"{name}.cos"] = cos.flatten()[::SAMPLE_STRIDE].clone()
-        tabs["tensors"][f"{name}.sin"] = sin.flatten()[::SAMPLE_STRIDE].clone()
+def _record(tabs: dict, name: str, cos, sin) -> None:
+    stride = (cos.numel() // SAMPLES) | 1  # odd: the sample walks across the columns (powers of two wide)
+    tabs["hash"][name] = {"cos": digest(cos), "sin": digest(sin), "shape": list(cos.shape), "sample_stride": stride}
+    tabs["tensors"][f"{name}.cos"] = cos.flatten()[::stride].clone()
+    tabs["tensors"][f"{name}.sin"] = sin.flatten()[::stride].clone()
 
 
 def part_rope_official(repo: Path, out: Path) -> None:
@@ -428,10 +520,10 @@ def part_rope_official(repo: Path, out: Path) -> None:
         ac = causal_precompute_freqs_cis(torch.tensor([[ae - as_]]), r["cross_dim"], max_pos=[20], start_frame=as_,
                                          is_audio=True, **kw)
         for kind, (cos, sin) in (("video_self", v), ("audio_self", a), ("video_cross", vc), ("audio_cross", ac)):
-            _record(tabs, f"official.{name}.{kind}", *canonical(cos, sin, "interleaved", r["heads"]), name == "full")
+            _record(tabs, f"official.{name}.{kind}", *canonical(cos, sin, "interleaved", r["heads"]))
     meta = {"reference": "ltx-causal causal_precompute_freqs_cis (start_frame per block)", "commit": _git_rev(repo),
-            "sizes": R19, "sample_stride": SAMPLE_STRIDE, "hashes": tabs["hash"]}
-    _save(tabs["tensors"], out / "rope19b_official.safetensors", meta)
+            "sizes": R19, "hashes": tabs["hash"]}
+    _save(tabs["tensors"], out / vml_file("rope19b_official"), _vml_meta(meta))
 
 
 def part_rope_comfyui(repo: Path, out: Path) -> None:
@@ -468,11 +560,11 @@ def part_rope_comfyui(repo: Path, out: Path) -> None:
         for kind, (mat, _) in (("video_self", v), ("audio_self", a), ("video_cross", vc), ("audio_cross", ac)):
             cos, sin = mat[..., 0, 0], mat[..., 1, 0]  # [B, T, H, D/2H] rotation matrices (cos, -sin; sin, cos)
             _record(tabs, f"comfyui.{name}.{kind}", cos[0].reshape(cos.shape[1], -1).contiguous(),
-                    sin[0].reshape(sin.shape[1], -1).contiguous(), True)
+                    sin[0].reshape(sin.shape[1], -1).contiguous())
     meta = {"reference": "ComfyUI LTXBaseModel._precompute_freqs_cis with its patchifier positions",
-            "commit": _git_rev(repo), "sizes": R19, "sample_stride": SAMPLE_STRIDE, "hashes": tabs["hash"],
+            "commit": _git_rev(repo), "sizes": R19, "hashes": tabs["hash"],
             "cases": {"default": "constructor defaults", "header": LTX2_HEADER}}
-    _save(tabs["tensors"], out / "rope19b_comfyui.safetensors", meta)
+    _save(tabs["tensors"], out / vml_file("rope19b_comfyui"), _vml_meta(meta))
 
 
 def part_rope_ltx_core(repo: Path, out: Path) -> None:
@@ -494,11 +586,11 @@ def part_rope_ltx_core(repo: Path, out: Path) -> None:
               "video_cross": lr.precompute_freqs_cis(vpos[:, 0:1, :], dim=r["cross_dim"], max_pos=[20], **kw),
               "audio_cross": lr.precompute_freqs_cis(apos[:, 0:1, :], dim=r["cross_dim"], max_pos=[20], **kw)}
     for kind, (cos, sin) in tables.items():
-        _record(tabs, f"ltx_core.header.{kind}", *canonical(cos, sin, "split", r["heads"]), True)
+        _record(tabs, f"ltx_core.header.{kind}", *canonical(cos, sin, "split", r["heads"]))
     meta = {"reference": "ltx-core precompute_freqs_cis with its patchifier positions (LTX-2 header: split, "
                          "float64 grid, causal fix, middle)", "commit": _git_rev(repo), "sizes": R19,
-            "sample_stride": SAMPLE_STRIDE, "hashes": tabs["hash"]}
-    _save(tabs["tensors"], out / "rope19b_ltx_core.safetensors", meta)
+            "hashes": tabs["hash"]}
+    _save(tabs["tensors"], out / vml_file("rope19b_ltx_core"), _vml_meta(meta))
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -526,11 +618,19 @@ def main(argv=None) -> int:
     p.add_argument("--comfyui", type=Path, help="checkout of ComfyUI (783545f6)")
     p.add_argument("--ltx2", type=Path, help="checkout of github.com/Lightricks/LTX-2 (optional)")
     p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--only", help=f"comma-separated parts to write ({', '.join(sorted(PARTS))}); default all")
     p.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)  # one part, in this process
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # print vml_probe() as JSON
+    p.add_argument("--vml-path", choices=sorted(VML_PATHS), help=argparse.SUPPRESS)  # with its environment
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = a.out.resolve()
+    if a.probe:
+        print(json.dumps(vml_probe(), sort_keys=True))
+        return 0
     if a.part:
+        global VML_PATH
+        VML_PATH = a.vml_path
         torch, *_ = _ours()
         torch.set_num_threads(1)
         repo = {"official": a.omniforcing, "rope_official": a.omniforcing, "comfyui": a.comfyui,
@@ -540,18 +640,29 @@ def main(argv=None) -> int:
     if not a.omniforcing or not a.comfyui:
         p.error("--omniforcing and --comfyui are required (--ltx2 is optional)")
     out.mkdir(parents=True, exist_ok=True)
-    write_bidirectional_weights(out)
     todo = ["official", "rope_official", "comfyui", "rope_comfyui"] + (["ltx_core", "rope_ltx_core"] if a.ltx2 else [])
+    if a.only:
+        only = a.only.split(",")
+        if set(only) - set(PARTS):
+            p.error(f"--only: unknown part(s) {sorted(set(only) - set(PARTS))}")
+        todo = [t for t in todo if t in only]
+    if not a.only or not (out / "bidirectional_weights.safetensors").is_file():
+        write_bidirectional_weights(out)
+    if "official" in todo and (not a.only or not (out / "official_causal.safetensors").is_file()):
+        write_official_inputs(out, a.omniforcing.resolve())
+    envs = _vml_envs() if set(todo) & set(VML_PARTS) else {}
     for part in todo:
         args = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--out", str(out)]
         for flag, val in (("--omniforcing", a.omniforcing), ("--comfyui", a.comfyui), ("--ltx2", a.ltx2)):
             if val:
                 args += [flag, str(Path(val).resolve())]
-        print(f"[{part}]", flush=True)
-        r = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if r.returncode:
-            print(f"part {part} failed ({r.returncode})", file=sys.stderr)
-            return r.returncode
+        for path in VML_PATHS if part in VML_PARTS else (None,):
+            print(f"[{part}{f' {path}: {VML_PATHS[path]}' if path else ''}]", flush=True)
+            r = subprocess.run(args + (["--vml-path", path] if path else []),
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **envs.get(path, {})})
+            if r.returncode:
+                print(f"part {part} failed ({r.returncode})", file=sys.stderr)
+                return r.returncode
     if not a.ltx2:
         print("no --ltx2: ltx_core fixtures not written (tests for them skip)")
     return 0
