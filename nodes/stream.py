@@ -146,47 +146,25 @@ def _open_writer(prefix: str, width: int, height: int, time: TimeBase) -> tuple[
     return writer, subfolder, base
 
 
-class _Cancel:
-    """Whether the user cancelled: a cancel ends the stream early instead of failing the run."""
+def _until_cancelled(sampler):
+    """The sampler's blocks until it stops for ComfyUI's interrupt (its should_stop between steps): then the
+    iteration just ends, and the flag is cleared so the decode of what was made is not interrupted too."""
+    import comfy.model_management as mm
 
-    def __init__(self):
-        self.cancelled = False
-
-    def blocks(self, sampler):
-        """The sampler's blocks until ComfyUI's interrupt (checked by the sampler between steps, or by the
-        progress bar's hook), which ends the iteration: run_stream then decodes and closes as at the end."""
-        import comfy.model_management as mm
-
-        it = iter(sampler)
-        while not self.cancelled:
-            try:
-                res = next(it)
-            except StopIteration:
-                return
-            except (InterruptedError, mm.InterruptProcessingException):
-                self.cancelled = True
-                break
-            yield res
-        it.close()  # the sampler stops now; the flag is cleared so the rest of the graph runs on what was kept
+    try:
+        yield from sampler
+    except InterruptedError:
         mm.interrupt_current_processing(False)
-
-    def guard(self, fn):
-        """fn, with ComfyUI's interrupt (raised by the progress bar) turned into a cancel."""
-        import comfy.model_management as mm
-
-        def call(*args):
-            try:
-                fn(*args)
-            except mm.InterruptProcessingException:
-                self.cancelled = True
-        return call
+        raise
 
 
 def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep_frames: bool, given=None):
-    """run_stream with the page player's events and the progress bar. A cancel keeps what was made: the
-    run ends early and returns it (labelled cancelled); only a cancel before the first frame is an interrupt."""
+    """run_stream with the page player's events and the progress bar. A cancel - wherever ComfyUI's interrupt
+    lands: between steps, inside a VAE decode, in the progress hook - keeps what was made: the run ends
+    early and is returned (labelled cancelled); only a cancel before the first frame is an interrupt."""
+    import comfy.model_management as mm
+
     events.send("start", seconds=0.0)
-    cancel = _Cancel()
 
     def on_block(res, chunk):
         frame = chunk.frames[-1] if chunk.frames is not None else None
@@ -197,19 +175,22 @@ def _stream(sampler, plan, writer: LiveWriter, events: "_Events", progress, keep
 
     try:
         with torch.inference_mode():
-            run = run_stream(cancel.blocks(sampler), plan, writer, keep_video=keep_frames,
-                             on_block=cancel.guard(on_block), given=given)
+            run = run_stream(_until_cancelled(sampler), plan, writer, keep_video=keep_frames, on_block=on_block,
+                             given=given, stop_on=(InterruptedError, mm.InterruptProcessingException))
     except BaseException as e:
         events.send("error", seconds=writer.summary().video_seconds, error=str(e)[:200])
         raise
+    cancelled = run.interrupted is not None
+    if cancelled:  # the cancel is done with: the rest of the graph runs on what was kept
+        mm.interrupt_current_processing(False)
     summary = writer.summary()
-    if cancel.cancelled and run.num_frames == 0:
+    if cancelled and run.num_frames == 0:
         events.send("cancelled", seconds=0.0)
         raise_interrupt()  # nothing to show: the run is ComfyUI's ordinary interrupt
-    events.send("cancelled" if cancel.cancelled else "done", seconds=summary.video_seconds)
-    log.info("stream%s: %d blocks, %d frames, %.2f s audio -> %s", " (cancelled)" if cancel.cancelled else "",
+    events.send("cancelled" if cancelled else "done", seconds=summary.video_seconds)
+    log.info("stream%s: %d blocks, %d frames, %.2f s audio -> %s", " (cancelled)" if cancelled else "",
              run.blocks, summary.video_frames, summary.audio_seconds, summary.paths.mp4)
-    return run, cancel.cancelled
+    return run, cancelled
 
 
 def _outputs(run, summary, events: "_Events", keep_frames: bool, cancelled: bool, asked_s: float) -> io.NodeOutput:

@@ -161,11 +161,18 @@ class AVAligner:
         self.video.add(frames)
         self.audio.add(audio)
 
-    def take(self, final: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], int, int]:
-        """(frames, audio, first frame, first sample) that can be written now; at the end, everything."""
+    def take(self, final: bool = False, common: bool = False) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                                                      int, int]:
+        """(frames, audio, first frame, first sample) that can be written now; at the end, everything -
+        or with `common`, no frame that starts after the audio ends (a stream cut short)."""
         f0, s0 = self.video.start, self.audio.start
         if final:
-            return self.video.take(self.video.length), self.audio.take(self.audio.length), f0, s0
+            f1 = self.video.end
+            if common:
+                f1 = f0
+                while f1 < self.video.end and self.sample_at(f1) < self.audio.end:
+                    f1 += 1
+            return self.video.take(f1 - f0), self.audio.take(self.audio.length), f0, s0
         f1 = min(self.video.end, int(self.audio.end / self.samples_per_frame))
         while f1 < self.video.end and self.sample_at(f1 + 1) <= self.audio.end:
             f1 += 1
@@ -264,17 +271,20 @@ class AVStreamer:
         vc, ac = self.video.push(self._pick(result.video)), self.audio.push(self._pick(result.audio))
         return self._deliver(result.block.index, vc, ac, t0, final=False)
 
-    def finish(self) -> AVChunk:
+    def finish(self, stopped: bool = False) -> AVChunk:
+        """Flush both decoders, write the rest and close the writer. `stopped` (the stream was cut short,
+        maybe inside one decoder's push, so the other never got that block): write only the span both
+        modalities cover, so the files still end with audio and video together."""
         t0 = _time.perf_counter()
-        chunk = self._deliver(-1, self.video.flush(), self.audio.flush(), t0, final=True)
+        chunk = self._deliver(-1, self.video.flush(), self.audio.flush(), t0, final=True, common=stopped)
         if self.writer is not None:
             self.writer.close()
         return chunk
 
-    def _deliver(self, index: int, vc, ac, t0: float, final: bool) -> AVChunk:
+    def _deliver(self, index: int, vc, ac, t0: float, final: bool, common: bool = False) -> AVChunk:
         self.aligner.add(vc.data[0].float().clamp(0, 1) if vc is not None else None,
                          ac.data[0].float() if ac is not None else None)
-        frames, audio, f0, s0 = self.aligner.take(final)
+        frames, audio, f0, s0 = self.aligner.take(final, common)
         t1 = _time.perf_counter()
         if self.writer is not None:
             if frames is not None:
@@ -328,13 +338,16 @@ class StreamRun:
 
 def run_stream(blocks: Iterable[BlockResult], plan: DecodePlan, writer=None, *, keep_video: bool = True,
                keep_audio: bool = True, on_block: Optional[Callable[[BlockResult, AVChunk], None]] = None,
-               batch_index: int = 0, given: Optional[GivenMedia] = None) -> StreamRun:
+               batch_index: int = 0, given: Optional[GivenMedia] = None,
+               stop_on: tuple[type, ...] = ()) -> StreamRun:
     """Decode every block of `blocks` with `plan` and write it (if a writer is given), then close the writer.
     `given`: a conditioned stream's original audio or video, written in place of that modality's decode.
 
     on_block(block_result, chunk) runs after each block (progress, previews, UI events). Any exception
     stops generation; the blocks made so far are still decoded and written and the files closed, then
-    the exception propagates (so a host's cancel keeps valid, playable files)."""
+    the exception propagates (so a host's cancel keeps valid, playable files) - unless it is one of
+    `stop_on` (a host's cancel, wherever it lands: sampling, decoding, a progress hook), which ends the
+    stream like its last block: the run is returned with `interrupted` set."""
     started = _time.perf_counter()
     streamer = AVStreamer(plan, writer, batch_index, given)
     run = StreamRun(plan.time.fps, plan.time.audio_sample_rate)
@@ -348,7 +361,7 @@ def run_stream(blocks: Iterable[BlockResult], plan: DecodePlan, writer=None, *, 
     except BaseException as e:  # noqa: BLE001 - also the host's interrupt, which is not an Exception
         run.interrupted = e
     try:
-        run._keep(streamer.finish(), keep_video, keep_audio, started)
+        run._keep(streamer.finish(stopped=run.interrupted is not None), keep_video, keep_audio, started)
     except BaseException:  # noqa: BLE001
         if run.interrupted is None:
             raise
@@ -359,7 +372,7 @@ def run_stream(blocks: Iterable[BlockResult], plan: DecodePlan, writer=None, *, 
             except Exception:  # noqa: BLE001
                 pass
     run.wall_s = _time.perf_counter() - started
-    if run.interrupted is not None:
+    if run.interrupted is not None and not isinstance(run.interrupted, stop_on):
         raise run.interrupted
     return run
 

@@ -169,6 +169,42 @@ def test_cancel_keeps_what_was_made_and_closes_the_files(tiny, tmp_path):
     assert read_playlist(writer.paths.playlist).ended
 
 
+def test_a_stop_on_cancel_anywhere_returns_what_was_made(tiny, tmp_path):
+    """stop_on: a cancel raised while sampling, while decoding or in on_block ends the stream like its
+    end - the run comes back with what was made and the files closed - while any other exception (and
+    a cancel not named in stop_on, the negative control) still propagates."""
+    model, text = tiny
+    whole = run_stream(blocks(model, text, 2), exact(), keep_video=True)  # 49 frames: blocks 0 and 1
+
+    def decoding_cancels(plan, at):
+        calls = {"n": 0}
+        v = plan.decoders.video
+
+        def fn(z):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise Cancel("interrupt inside the VAE decode")
+            return v.fn(z)
+        return decode_plan("exact", AV(video_decoder(fn, REACH, TIME), plan.decoders.audio), TIME)
+
+    cases = {"sampling": dict(blocks=blocks(model, text, 5, stop_after=2)),
+             "decoding": dict(plan=decoding_cancels(exact(), 3)),
+             "on_block": dict(on_block=lambda r, c: (_ for _ in ()).throw(Cancel()) if r.block.index == 1 else None)}
+    for where, kw in cases.items():
+        writer = LiveWriter(tmp_path / where, FPS, SR, 64, 64)
+        run = run_stream(kw.get("blocks", blocks(model, text, 5)), kw.get("plan", exact()), writer,
+                         on_block=kw.get("on_block"), stop_on=(Cancel,))
+        assert isinstance(run.interrupted, Cancel), where
+        info = probe_media(writer.paths.mp4)
+        assert read_playlist(writer.paths.playlist).ended, where
+        assert info.video.frames == run.num_frames >= 25 and abs(info.av_drift) < 1024 / SR, (where, info)
+        if where == "sampling":  # what a cancel after block 1 leaves equals the start of a whole decode
+            assert torch.equal(run.video(), whole.video()[:run.num_frames])
+    with pytest.raises(Cancel):  # not named: it propagates, after closing the files
+        run_stream(blocks(model, text, 5, stop_after=2), exact(), LiveWriter(tmp_path / "x", FPS, SR, 64, 64),
+                   stop_on=(KeyboardInterrupt,))
+
+
 def test_stream_cut_after_k_blocks_leaves_k_seconds_playable(tiny, tmp_path):
     model, text = tiny
     writer = LiveWriter(tmp_path, FPS, SR, 64, 64, align_av=False)  # no frames held back for their audio

@@ -550,7 +550,9 @@ def test_toy_stream_workflow_streams_with_the_toy_codecs_as_vaes(host):
     parts = [audio.push(a[:, :, b.audio_start:b.audio_end]) for b in clip.blocks()] + [audio.flush()]
     want_audio = torch.cat([p.data for p in parts if p is not None], -1)
     assert t["audio"].shape == want_audio.shape and float(t["sample_rate"][0]) == 24000
-    assert float((t["audio"] - want_audio).abs().max()) < 1e-4
+    # 1e-3 as for the frames: the core's plain Linear layers run the feed-forward as one fused matmul+GELU,
+    # ComfyUI's casting layers do not, so the latents agree to float32 rounding, not bit for bit
+    assert float((t["audio"] - want_audio).abs().max()) < 1e-3
 
 
 def test_toy_vaes_work_in_comfyuis_own_vae_nodes(host):
