@@ -114,14 +114,14 @@ class Clock:
 
 class FlopCount(TorchDispatchMode):
     """FLOPs of what runs inside: matrix multiplies (2MKN) and fused attention (4 B H Nq Nk d: QK^T and
-    PV), by op, plus every GEMM's (op, shapes, dtype) to replay them. Attention that runs as matrix
-    multiplies (the math kernel, the merge of chunked keys) is counted as the matrix multiplies it is."""
+    PV), plus every GEMM with its weight operand (the model's own tensor, held by reference) to replay
+    them. Attention that runs as matrix multiplies (a math kernel) is counted as the multiplies it is."""
 
     def __init__(self):
         super().__init__()
         self.gemm = 0
         self.attention = 0
-        self.gemms: list[tuple] = []
+        self.gemms: list[tuple] = []  # (op, (M, K), activation dtype, weight operand, bias, extra)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -130,18 +130,17 @@ class FlopCount(TorchDispatchMode):
         if name in ("mm", "_scaled_mm"):
             a, b = args[0], args[1]
             self.gemm += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-            self.gemms.append((name, tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, _extra(name, args, kwargs)))
+            extra = (kwargs.get("scale_b"), kwargs.get("out_dtype")) if name == "_scaled_mm" else None
+            self.gemms.append((name, tuple(a.shape), a.dtype, b, None, extra))
         elif name == "addmm":
             a, b = args[1], args[2]
             self.gemm += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-            self.gemms.append((name, tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, tuple(args[0].shape)))
+            self.gemms.append((name, tuple(a.shape), a.dtype, b, args[0], None))
         elif name == "_linear_pointwise":  # oneDNN matmul with a fused epilogue: x [.., K] @ w[N, K]^T
             x, w = args[0], args[1]
             m = x.numel() // x.shape[-1]
             self.gemm += 2 * m * x.shape[-1] * w.shape[0]
-            attr, scalars, algo = args[3], args[4], args[5]
-            self.gemms.append((name, (m, x.shape[-1]), (x.shape[-1], w.shape[0]), x.dtype, w.dtype,
-                               (attr, tuple(scalars), algo)))
+            self.gemms.append((name, (m, x.shape[-1]), x.dtype, w, args[2], (args[3], list(args[4]), args[5])))
         elif name in ("bmm", "baddbmm"):
             a, b = (args[0], args[1]) if name == "bmm" else (args[1], args[2])
             self.gemm += 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
@@ -156,45 +155,38 @@ class FlopCount(TorchDispatchMode):
         return self.gemm + self.attention
 
 
-def _extra(name, args, kwargs):
-    if name != "_scaled_mm":
-        return None
-    return (kwargs.get("out_dtype") or (args[5] if len(args) > 5 else None))
-
-
 class GemmSet:
-    """The GEMMs of one block replayed on fresh tensors of the same shapes, ops and dtypes: the rate the
-    machine reaches on the model's own matrix multiplies (no attention, no element-wise work)."""
+    """The GEMMs of one block replayed with the model's own weights (each reads its weight from memory,
+    as in the block) on random activations of the same shapes: the rate the machine reaches on the
+    model's matrix multiplies alone (no attention, no element-wise work, no Python between them)."""
 
     def __init__(self, gemms: list[tuple], device):
         self.calls = []
         self.flops = 0
-        made = {}
-        for op, sa, sb, da, db, extra in gemms:
-            key = (op, sa, sb, da, db, extra)
-            if key not in made:
-                made[key] = self._make(op, sa, sb, da, db, extra, device)
-            self.calls.append(made[key])
-            self.flops += 2 * sa[0] * sa[1] * sb[1]
+        acts = {}
+        g = torch.Generator(device=device).manual_seed(0)
+        for op, sa, da, w, bias, extra in gemms:
+            if (sa, da) not in acts:
+                x = torch.randn(sa, generator=g, device=device)
+                acts[(sa, da)] = x.to(da)
+            a = acts[(sa, da)]
+            n = w.shape[0] if op == "_linear_pointwise" else w.shape[1]
+            self.flops += 2 * sa[0] * sa[1] * n
+            self.calls.append(self._call(op, a, w, bias, extra, device))
 
     @staticmethod
-    def _make(op, sa, sb, da, db, extra, device):
-        g = torch.Generator(device=device).manual_seed(0)
-        rnd = lambda shape, dt: torch.randn(shape, generator=g, device=device).to(dt)  # noqa: E731
-        a = rnd(sa, da)
-        b = rnd((sb[1], sb[0]), db).t()  # a weight's transpose, as F.linear passes it
+    def _call(op, a, w, bias, extra, device):
         if op == "addmm":
-            bias = rnd(extra, da)
-            return lambda: torch.addmm(bias, a, b)
+            return lambda: torch.addmm(bias, a, w)
         if op == "_linear_pointwise":
-            w = rnd((sb[1], sb[0]), db)
-            bias = rnd((sb[1],), da)
             attr, scalars, algo = extra
-            return lambda: torch.ops.mkldnn._linear_pointwise(a, w, bias, attr, list(scalars), algo)
+            return lambda: torch.ops.mkldnn._linear_pointwise(a, w, bias, attr, scalars, algo)
         if op == "_scaled_mm":
+            scale_b, out_dtype = extra
             one = torch.ones((), device=device)
-            return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=extra or torch.bfloat16)
-        return lambda: torch.mm(a, b)
+            return lambda: torch._scaled_mm(a, w, scale_a=one, scale_b=scale_b if scale_b is not None else one,
+                                            out_dtype=out_dtype or torch.bfloat16)
+        return lambda: torch.mm(a, w)
 
     def __call__(self):
         for c in self.calls:
@@ -625,9 +617,10 @@ def run(args) -> int:
                 plot_modes.append(m)
         series_src = {m: OurStream(model, long, make_text, policies[m], runtime, decode=False) for m in plot_modes}
         stats = run_modes(series_src, n, clock, frames_per_block, dev)
-        series = {m: stats[m]["per_block_ms"] for m in series_src}
-        how = plot(args.plot, series, f"{out['config']} {height}x{width} {out['dtype']}: ms per block, {n} blocks")
-        out["plot"] = {"path": args.plot, "drawn_with": how, "blocks": n, "left_out": left_out,
+        key, what = ("per_block_cpu_ms", "thread cpu ms") if clock.cpu else ("per_block_ms", "ms")
+        series = {m: stats[m][key] for m in series_src}
+        how = plot(args.plot, series, f"{out['config']} {height}x{width} {out['dtype']}: {what} per block, {n} blocks")
+        out["plot"] = {"path": args.plot, "drawn_with": how, "blocks": n, "left_out": left_out, "plotted": key,
                        "last_over_second": {m: stats[m]["last_over_second"] for m in series},
                        "median_ms": {m: stats[m]["median_block_ms"] for m in series}}
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))

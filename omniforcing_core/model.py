@@ -230,12 +230,24 @@ class LayerMods:
 
 @dataclass
 class StepConditioning:
-    """Everything a forward derives from its sigmas alone, made once per distinct sigma: every layer's
-    modulation values and the output heads' (shift, 1 + scale)."""
+    """Everything a forward derives from its sigmas alone, made once per distinct sigma: the AdaLN values,
+    the output heads' (shift, 1 + scale) and every layer's modulation values. A layer's are made by the
+    layer inside its own forward (where FSDP has gathered its tables) the first time, and kept when no
+    autograd graph hangs on them (`keep`; with gradients they are made afresh at every call)."""
 
-    layers: list[LayerMods]
+    base: Conditioning
+    layers: list  # LayerMods per layer, None until that layer has run
     v_out: tuple
     a_out: tuple
+    keep: bool = True
+
+    def layer(self, i: int, blk: "DualStreamBlock", dt: torch.dtype) -> LayerMods:
+        m = self.layers[i]
+        if m is None:
+            m = blk.modulation(self.base, dt)
+            if self.keep:
+                self.layers[i] = m
+        return m
 
 
 class DualStreamBlock(nn.Module):
@@ -285,8 +297,9 @@ class DualStreamBlock(nn.Module):
                          (a_sh2, 1 + a_sc2, a_g2), (v_sh_a2v, 1 + v_sc_a2v), (v_sh_v2a, 1 + v_sc_v2a),
                          (a_sh_a2v, 1 + a_sc_a2v), (a_sh_v2a, 1 + a_sc_v2a), tv[4] + c.v_gate, ta[4] + c.a_gate)
 
-    def forward(self, xv, xa, m: LayerMods, tpf: int, text: TextKV, layer: int, ctx):
+    def forward(self, xv, xa, cond: StepConditioning, tpf: int, text: TextKV, layer: int, ctx):
         eps = self.eps
+        m = cond.layer(layer, self, xv.dtype)
 
         def video_attn(xv):
             sh, sc, g = m.v_attn
@@ -488,10 +501,10 @@ class OmniForcingTransformer(nn.Module):
         """Every layer's modulation values and the output heads' for these sigma rows ([B, F] or [B, 1]);
         rows: (video frames, audio tokens incl. sinks) of the forward (see `_conditioning`)."""
         c = self._conditioning(video_sigma, audio_sigma, sinks, 0, dt, rows)
-        layers = [blk.modulation(c, dt) for blk in self.transformer_blocks]
         sh, sc = (self.scale_shift_table.to(dt)[None, None] + c.v_emb[:, :, None]).unbind(2)
         ash, asc = (self.audio_scale_shift_table.to(dt)[None, None] + c.a_emb[:, :, None]).unbind(2)
-        return StepConditioning(layers, (sh, 1 + sc), (ash, 1 + asc))
+        return StepConditioning(c, [None] * len(self.transformer_blocks), (sh, 1 + sc), (ash, 1 + asc),
+                                keep=not torch.is_grad_enabled())
 
     def _conditioning_for(self, video, audio, video_sigma, audio_sigma, sinks: int, dt: torch.dtype,
                           memo: Optional[StreamCache] = None) -> StepConditioning:
@@ -499,7 +512,7 @@ class OmniForcingTransformer(nn.Module):
         vs = sigma_rows(video_sigma, b, f, video.device)
         as_ = sigma_rows(audio_sigma, b, t_a, video.device)
         rows = (f, t_a + sinks)
-        if memo is None:
+        if memo is None or torch.is_grad_enabled():  # (training: a fresh graph to the AdaLN weights each call)
             return self.step_conditioning(vs, as_, sinks, dt, rows)
         # made once per distinct sigma for the whole stream
         key = ("cond", sigma_key(video_sigma), sigma_key(audio_sigma), b, rows, sinks, dt)
@@ -515,7 +528,7 @@ class OmniForcingTransformer(nn.Module):
             xa = torch.cat([self.audio_sink_tokens.to(dt).expand(b, -1, -1), xa], 1)
         tpf = h * w
         for i, blk in enumerate(self.transformer_blocks):
-            xv, xa = blk(xv, xa, cond.layers[i], tpf, text, i, ctx)
+            xv, xa = blk(xv, xa, cond, tpf, text, i, ctx)
         eps = self.config.norm_eps
         yv = self.proj_out(modulate(F.layer_norm(xv, (xv.shape[-1],), eps=eps), *cond.v_out, tpf))
         ya = self.audio_proj_out(modulate(F.layer_norm(xa, (xa.shape[-1],), eps=eps), *cond.a_out, 1))[:, sinks:]

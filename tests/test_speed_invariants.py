@@ -299,3 +299,48 @@ def test_fused_linear_gelu_equals_the_layer_then_gelu():
     out = linear_gelu_tanh(lin, x.requires_grad_())
     out.sum().backward()  # the training path keeps autograd
     assert x.grad is not None and (out.detach().double() - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_steady_block_on_cuda_makes_no_synchronising_call():
+    """On a GPU: prepare_block and the 5 forwards of steady blocks run under
+    torch.cuda.set_sync_debug_mode("error") - any host-device copy or value read back raises."""
+    with torch.no_grad():
+        model = random_model(TINY, seed=0, device="cuda")
+        clip = make_clip(make_layout("v2"), 64, 96, num_blocks=6)
+        text = model.text_kv(torch.zeros(1, 5, 24, device="cuda"), torch.zeros(1, 5, 24, device="cuda"))
+        cache = model.new_cache(clip.layout, clip.grid, CachePolicy(window=2))
+        sig = {n: [(torch.full((1, n), s, device="cuda"), torch.full((1,), s, device="cuda"))
+                   for s in (*make_schedule().sigmas, 0.0)] for n in (3, 4)}
+        for blk in clip.blocks():
+            v = torch.zeros(clip.video_shape(blk), device="cuda")
+            a = torch.zeros(clip.audio_shape(blk), device="cuda")
+            steady = blk.index >= 3
+            torch.cuda.set_sync_debug_mode("error" if steady else "default")
+            try:
+                ropes = model.prepare_block(cache, blk, clip.grid)
+                for sv, sa in sig[blk.video_len]:
+                    model.forward_block(v, a, sv, sa, text, cache, ropes)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def test_with_gradients_the_conditioning_is_made_afresh_and_reaches_the_adaln_weights():
+    """The per-sigma memo serves inference only: a grad-enabled forward at a sigma the stream has already
+    seen without gradients still sends gradient to the AdaLN MLPs and the layers' tables."""
+    model = random_model(TINY, seed=4)
+    text = toy_text(model, "grad")
+    clip = make_clip(make_layout("v2"), 64, 96, num_blocks=1)
+    b0 = clip.layout.block(0)
+    v, a = torch.randn(clip.video_shape(b0)), torch.randn(clip.audio_shape(b0))
+    cache = model.new_cache(clip.layout, clip.grid)
+    ropes = model.prepare_block(cache, b0, clip.grid)
+    s = torch.full((1,), 0.7)
+    with torch.no_grad():
+        model.forward_block(v, a, s, s, text, cache, ropes)  # the memo now holds sigma 0.7
+    model.requires_grad_(True)
+    out = model.forward_block(v, a, s, s, text, cache, ropes)
+    (out[0].square().mean() + out[1].square().mean()).backward()
+    for p in (model.adaln_single.linear.weight, model.transformer_blocks[0].scale_shift_table,
+              model.av_ca_v2a_gate_adaln_single.linear.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
