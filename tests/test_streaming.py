@@ -42,12 +42,16 @@ class Cancel(BaseException):
 
 
 def blocks(model, text, seconds, stop_after=None, seed=3):
+    """The sampler's blocks; no_grad only around each step, never across a yield (an abandoned generator
+    would otherwise leave gradients off for every later test)."""
     clip = make_clip(make_layout("v2"), 64, 64, seconds=seconds, seed=seed)
-    with torch.no_grad():
-        for i, res in enumerate(Sampler(model, clip, text)):
-            if stop_after is not None and i == stop_after:
-                raise Cancel("user pressed cancel")
-            yield res
+    it = iter(Sampler(model, clip, text))
+    for i in range(clip.num_blocks):
+        if stop_after is not None and i == stop_after:
+            raise Cancel("user pressed cancel")
+        with torch.no_grad():
+            res = next(it)
+        yield res
 
 
 # -- decoders and plans ------------------------------------------------------------------------------
