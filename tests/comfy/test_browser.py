@@ -74,9 +74,9 @@ OFFSET_MAX_MS = FRAME_MS + 1000 / 60  # 58.4 ms
 # the sound goes on, which presents no frames at all: it grows for as long as the freeze lasts (the
 # control: ~2000 ms; the issue saw 0.06-1.4 s). In sync it stays below one frame plus one refresh (58 ms);
 # on a shared 2-core machine the software compositor sometimes shows a frame late right after a start or a
-# takeover (seen: up to 97 ms at load 3.5 with this page size), hence up to four frames for a moment and
-# two in the 95th percentile.
-PICTURE_AGE_MAX_MS = 4 * FRAME_MS  # 167 ms
+# takeover (seen: up to 97 ms at load 3.5 with this page size, 188 ms once during a full CI run), hence up
+# to six frames for a moment and two in the 95th percentile.
+PICTURE_AGE_MAX_MS = 6 * FRAME_MS  # 250 ms
 PICTURE_AGE_P95_MS = 2 * FRAME_MS  # 83 ms
 STREAM_S = 8
 SLOW_S = 6

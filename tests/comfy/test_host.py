@@ -122,7 +122,9 @@ def test_toy_workflow_runs_the_embedded_student_like_the_core(host):
         v, a = generate(d.model, clip, d.text(g[enc]["inputs"]["text"]))
     t = tensors(host, "toy")
     assert t["video_latent"].shape == v.shape and t["audio_latent"].shape == a.shape
-    assert (t["video_latent"] - v).abs().max() < 1e-4 and (t["audio_latent"] - a).abs().max() < 1e-4
+    # float32 rounding, not bit for bit: the core's plain Linear layers run the feed-forward as one fused
+    # matmul+GELU, ComfyUI's casting layers do not (seen: 2e-4 on latents of unit scale)
+    assert (t["video_latent"] - v).abs().max() < 1e-3 and (t["audio_latent"] - a).abs().max() < 1e-3
     want = d.decode_video(v)[0].permute(1, 2, 3, 0)
     assert t["image"].shape == want.shape and (t["image"] - want).abs().max() < 1e-3
     assert t["audio"].shape == (1, 2, (4 * a.shape[2] - 3) * 240)
