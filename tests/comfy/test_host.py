@@ -139,13 +139,14 @@ def test_toy_text_encode_refuses_an_empty_caption(host):
     assert "caption is empty" in error_text(entry)
 
 
-class StreamEvents:
-    """Collects our 'omniforcing.stream' websocket events (aiohttp ships with ComfyUI)."""
+class Websocket:
+    """Collects what `pick` makes of each websocket message ComfyUI sends this client (None: skipped);
+    aiohttp ships with ComfyUI."""
 
-    def __init__(self, host):
-        self.events, self.url = [], host.url.replace("http", "ws") + f"/ws?clientId={host.client_id}"
-        self.ready = threading.Event()
-        self._stop = False
+    def __init__(self, host, pick):
+        self.items, self.pick = [], pick
+        self.url = host.url.replace("http", "ws") + f"/ws?clientId={host.client_id}"
+        self.ready, self._stop = threading.Event(), False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         assert self.ready.wait(20), "websocket did not connect"
@@ -163,17 +164,38 @@ class StreamEvents:
                         msg = await ws.receive(timeout=0.5)
                     except asyncio.TimeoutError:
                         continue
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        data = json.loads(msg.data)
-                        if data.get("type") == "omniforcing.stream":
-                            self.events.append(data["data"])
-                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         break
+                    item = self.pick(msg)
+                    if item is not None:
+                        self.items.append(item)
         asyncio.run(main())
 
     def close(self):
         self._stop = True
         self.thread.join(5)
+
+
+def stream_event(msg):
+    """Our 'omniforcing.stream' events (text messages)."""
+    import aiohttp
+
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        data = json.loads(msg.data)
+        if data.get("type") == "omniforcing.stream":
+            return data["data"]
+    return None
+
+
+def preview_jpeg(msg):
+    """The JPEG of a preview (binary event 1: PREVIEW_IMAGE)."""
+    import struct
+
+    import aiohttp
+
+    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 1:
+        return bytes(msg.data[8:])
+    return None
 
 
 def test_stream_workflow_with_prompt_schedule_writes_live_files(host):
@@ -182,7 +204,7 @@ def test_stream_workflow_with_prompt_schedule_writes_live_files(host):
     g = tinyfy(load_api_workflow("omniforcing_stream_60s_schedule"), seconds=3, window=2)
     (sched,) = nodes_of(g, "OmniForcingPromptSchedule")
     g[sched]["inputs"]["text"] = "0s: a forest at dawn | 1s: rain starts | 2s: thunder"
-    events = StreamEvents(host)
+    events = Websocket(host, stream_event)
     try:
         entry = host.run(g)
     finally:
@@ -198,7 +220,7 @@ def test_stream_workflow_with_prompt_schedule_writes_live_files(host):
     pl = read_playlist(playlist)
     assert pl.ended and pl.seconds == pytest.approx(73 / FPS, abs=1e-3)
     assert probe(playlist).video.frames == 73
-    statuses = [e["status"] for e in events.events if e["node"] == node]
+    statuses = [e["status"] for e in events.items if e["node"] == node]
     assert statuses[0] == "start" and statuses[-1] == "done" and statuses.count("block") == 3, statuses
 
 
@@ -637,41 +659,6 @@ def test_toy_stream_from_a_start_image_encoded_by_the_toy_vae(host):
     assert float(err) < 0.4 * float(dev)
 
 
-class _Previews:
-    """The JPEG previews ComfyUI sends over the websocket (binary event 1: PREVIEW_IMAGE)."""
-
-    def __init__(self, host):
-        self.images, self.url = [], host.url.replace("http", "ws") + f"/ws?clientId={host.client_id}"
-        self.ready, self._stop = threading.Event(), False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(20), "websocket did not connect"
-
-    def _run(self):
-        import asyncio
-        import struct
-
-        import aiohttp
-
-        async def main():
-            async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
-                self.ready.set()
-                while not self._stop:
-                    try:
-                        msg = await ws.receive(timeout=0.5)
-                    except asyncio.TimeoutError:
-                        continue
-                    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 1:
-                        self.images.append(bytes(msg.data[8:]))
-                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        break
-        asyncio.run(main())
-
-    def close(self):
-        self._stop = True
-        self.thread.join(5)
-
-
 def test_sampler_previews_of_toy_latents_are_the_toy_decode(host):
     """The offline sampler's per-block preview of a toy MODEL is its codec's decode of the block's last
     frame, not LTX-2's latent2rgb (which makes grey blur of toy latents)."""
@@ -686,16 +673,16 @@ def test_sampler_previews_of_toy_latents_are_the_toy_decode(host):
     (dec,) = nodes_of(g, "OmniForcingToyDecode")
     g[sampler]["inputs"].update(seconds=2, seed=5)
     g["90"] = {"class_type": "OmniForcingTestSaveTensors", "inputs": {"name": "toy_preview", "image": [dec, 0]}}
-    previews = _Previews(host)
+    previews = Websocket(host, preview_jpeg)
     try:
         entry = host.run(g)
     finally:
         time.sleep(0.5)
         previews.close()
     assert entry["status"]["status_str"] == "success", error_text(entry)
-    assert len(previews.images) >= 2, f"{len(previews.images)} previews"  # one per block
+    assert len(previews.items) >= 2, f"{len(previews.items)} previews"  # one per block
     frame = tensors(host, "toy_preview")["image"][-1].numpy()  # the clip's last frame
-    shown = Image.open(_io.BytesIO(previews.images[-1])).convert("RGB")
+    shown = Image.open(_io.BytesIO(previews.items[-1])).convert("RGB")
     shown = np.asarray(shown.resize(frame.shape[1::-1], Image.BILINEAR), np.float32) / 255
     err = float(np.abs(shown - frame).mean())
     flat = float(np.abs(frame.mean((0, 1)) - frame).mean())  # what a structureless preview would score
