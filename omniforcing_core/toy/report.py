@@ -319,15 +319,19 @@ def ablation_main(a) -> int:
     return 0
 
 
+def _publish(rows, table: str, json_path) -> int:
+    """Print a report's table; with --json also write the rows (JSON) and the table (.md beside it)."""
+    print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+        Path(json_path).with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
 def main(a) -> int:
     rows = run_report(a.teacher, a.student, a.codecs, n=a.n, seed=a.seed, teacher_steps=a.teacher_steps,
                       stage2_dir=a.stage2)
-    table = format_table(rows)
-    print(table)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
-        Path(a.json).with_suffix(".md").write_text(table + "\n")
-    return 0
+    return _publish(rows, format_table(rows), a.json)
 
 
 __all__ = ["sound_onsets", "tracks", "visual_events", "match", "analyse", "run_report", "format_table",
@@ -473,9 +477,4 @@ def format_conditioned_table(rows: list[dict]) -> str:
 
 def conditioned_main(a) -> int:
     rows = run_conditioned_report(a.n, a.seed, a.seconds, a.assets)
-    table = format_conditioned_table(rows)
-    print(table)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
-        Path(a.json).with_suffix(".md").write_text(table + "\n")
-    return 0
+    return _publish(rows, format_conditioned_table(rows), a.json)
