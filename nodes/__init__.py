@@ -12,11 +12,11 @@ from .loader import OmniForcingFromNativeModel, OmniForcingModelLoader, register
 from .mux import OmniForcingMux
 from .sampler import OmniForcingSampler
 from .stream import OmniForcingStream
-from .toy import OmniForcingToyDecode, OmniForcingToyModel, OmniForcingToyTextEncode
+from .toy import OmniForcingToyDecode, OmniForcingToyModel, OmniForcingToyTextEncode, OmniForcingToyWorldClip
 
 NODES = [OmniForcingModelLoader, OmniForcingFromNativeModel, OmniForcingPromptAt, OmniForcingPromptSchedule,
          OmniForcingSampler, OmniForcingStream, OmniForcingMux, OmniForcingToyModel, OmniForcingToyTextEncode,
-         OmniForcingToyDecode]
+         OmniForcingToyDecode, OmniForcingToyWorldClip]
 
 
 class OmniForcingExtension(ComfyExtension):

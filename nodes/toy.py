@@ -6,6 +6,7 @@ CoreModelPatcher) and samples through the ordinary OmniForcing Sampler; only tex
 decoding are toy-specific, because the toy has its own caption encoder and codecs instead of
 Gemma and the LTX-2 VAEs. The codecs have LTX-2's latent format and time base, so they are also
 offered as VAE objects wherever an LTX-2 VAE goes (the Stream node, start images, VAE Decode).
+A clip of the toy's synthetic world is a node too, as the given media of the A->V / V->A examples.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from comfy_api.latest import io
 from ..omniforcing_core.layout import DEFAULT_TIME
 from ..omniforcing_core.toy import default as toy_default
 from ..omniforcing_core.toy import encode as toy_encode
+from ..omniforcing_core.toy import world as toy_world
 from ..omniforcing_core.toy.world import HOP, SAMPLE_RATE
 from .common import CATEGORY, StatedReach, get_handle
 from .loader import load_managed
 
 ToyKit = io.Custom("OMNIFORCING_TOY")
+WORLD_SIZE = 128  # the toy world clip's frame size: the size the toy was trained at
 
 
 @dataclass
@@ -239,3 +242,40 @@ class OmniForcingToyDecode(io.ComfyNode):
             frames = toy.codecs.decode_video(video[:1].float())[0].permute(1, 2, 3, 0).contiguous()
             stereo = toy_default.decode_toy_audio(toy.codecs, audio[:1].float(), rate).cpu()
         return io.NodeOutput(frames.cpu(), {"waveform": stereo, "sample_rate": rate})
+
+
+class OmniForcingToyWorldClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="OmniForcingToyWorldClip",
+            display_name="OmniForcing Toy World Clip",
+            category=CATEGORY,
+            description="One clip of the toy model's synthetic world (bouncing and sliding shapes, a tone at every "
+                        "contact): frames, sound and caption. It exists so the audio -> video and video -> audio "
+                        "examples run with no files; with your own media, use Load Audio (audio -> video) or Load "
+                        "Video / image frames (video -> audio) instead.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Which clip: the seed picks the shapes, colours and motions (the same seed "
+                                     "always gives the same clip)."),
+                io.Int.Input("seconds", default=5, min=1, max=20,
+                             tooltip="Length in whole seconds (1 + 24 per second frames; the caption counts the "
+                                     "contacts within it)."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="The frames: 1 + 24 x seconds at 128x128, 24 fps."),
+                     io.Audio.Output(display_name="AUDIO", tooltip="The sound: mono, 16 kHz, seconds long; one tone "
+                                                                   "per contact, its pitch the object's colour."),
+                     io.String.Output(display_name="caption", tooltip="What happens in the clip, in the toy world's "
+                                                                     "words: a prompt for 'OmniForcing Toy Text "
+                                                                     "Encode'."),
+                     io.Float.Output(display_name="fps", tooltip="The frame rate of IMAGE (24), for a 'video_fps' "
+                                                                 "input.")],
+        )
+
+    @classmethod
+    def execute(cls, seed, seconds) -> io.NodeOutput:
+        clip = toy_world.make_clip(int(seed), int(seconds), WORLD_SIZE)
+        frames = clip.video.permute(1, 2, 3, 0).contiguous().float()  # [3, F, H, W] -> IMAGE [F, H, W, 3]
+        audio = {"waveform": clip.audio.float()[None, None].contiguous(), "sample_rate": toy_world.SAMPLE_RATE}
+        return io.NodeOutput(frames, audio, clip.caption, float(toy_world.FPS))
