@@ -4,13 +4,13 @@
 // (the live player is measured by check_player.mjs)
 // Usage: node check_frontend.mjs <url> <repo> <artifacts dir> <playwright-core dir>
 // Prints one JSON object with the results.
-import { readFileSync, mkdirSync } from "node:fs";
+import { readFileSync, readdirSync, mkdirSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 
 const [url, repo, artifacts, pwDir] = process.argv.slice(2);
 const { chromium } = await import(pathToFileURL(`${pwDir}/index.mjs`).href);
-const names = ["omniforcing_t2av_5s", "omniforcing_stream_60s_schedule", "omniforcing_i2av", "omniforcing_toy_demo",
-               "omniforcing_toy_stream"];
+// every shipped workflow (test_browser.py lists the same folder)
+const names = readdirSync(`${repo}/workflows`).filter((f) => f.endsWith(".json")).map((f) => f.slice(0, -5)).sort();
 mkdirSync(artifacts, { recursive: true });
 
 const browser = await chromium.launch({

@@ -30,6 +30,24 @@ const decodeLinks = (sampler) => [
   [sampler, 0, 20, "av_latent"], [20, 0, 21, "samples"], [1, 2, 21, "vae"], [20, 1, 22, "samples"], [2, 0, 22, "audio_vae"],
 ];
 
+// The toy A->V / V->A examples: a world clip is the given media (its `given` outputs -> the stream's inputs,
+// as [world clip output slot, stream input] pairs) and its caption the prompt (linked; `caption`, the same
+// text, is what the widget shows if the link is removed).
+const toyGiven = ({ seed, caption, prefix, given, note: text }) => ({
+  nodes: [
+    { id: 1, type: "OmniForcingToyModel", pos: [40, 150] },
+    { id: 2, type: "OmniForcingToyWorldClip", pos: [40, 400], widgets: { seed, control_after_generate: "fixed", seconds: 5 } },
+    { id: 3, type: "OmniForcingToyTextEncode", pos: [40, 620], size: [400, 160], title: "Prompt (the clip's caption)",
+      widgets: { text: caption } },
+    { id: 4, type: "OmniForcingStream", pos: [480, 60], size: [420, 900],
+      widgets: { width: 128, height: 128, seconds: 5, seed: 0, control_after_generate: "fixed", steps: STEPS, window: 0,
+                 layout: "model", filename_prefix: prefix, decode: "balanced", keep_frames: true } },
+    note(30, [940, 60], text),
+  ],
+  links: [[1, 0, 4, "model"], [1, 1, 3, "toy"], [2, 2, 3, "text"], [3, 0, 4, "positive"], [1, 3, 4, "vae"],
+          [1, 4, 4, "audio_vae"], ...given.map(([slot, input]) => [2, slot, 4, input])],
+});
+
 export const WORKFLOWS = {
   omniforcing_t2av_5s: {
     nodes: [
@@ -99,5 +117,27 @@ export const WORKFLOWS = {
       note(30, [40, 640], "### OmniForcing: a live stream from the embedded toy model (no downloads)\nThe toy's own codecs are its `vae` and `audio_vae`: every block is decoded as it lands and appended to a growing MP4 + HLS playlist in `output/omniforcing/`, which the node plays with sound while it generates. Cancel keeps what was made. 5 s at 128x128, the size the toy was trained at; try other captions in the toy world's words (a green square bounces three times)."),
     ],
     links: [[1, 0, 3, "model"], [1, 1, 2, "toy"], [2, 0, 3, "positive"], [1, 3, 3, "vae"], [1, 4, 3, "audio_vae"]],
+  },
+  omniforcing_toy_a2v: toyGiven({
+    seed: 5, caption: "a blue ball bounces four times, a red square bounces five times", prefix: "omniforcing/toy_a2v", given: [[1, "audio"]],
+    note: "### OmniForcing: audio -> video with the embedded toy model (no downloads)\nThe world clip's sound goes into the stream's `audio` input: it is encoded with the toy's `audio_vae` and held clean in every block while the video is generated to it, so shapes hit the floor and walls when the tones sound. The caption of the same clip is the prompt. The stream's file and AUDIO output carry the given sound itself.\n\nYour own sound: replace *OmniForcing Toy World Clip* with **Load Audio** (any length of at least `seconds`; it is resampled and cut) and write a caption in the toy world's words.",
+  }),
+  omniforcing_toy_v2a: toyGiven({
+    seed: 8, caption: "a red square bounces five times, a green ball slides and hits the wall many times", prefix: "omniforcing/toy_v2a", given: [[0, "video"], [3, "video_fps"]],
+    note: "### OmniForcing: video -> audio with the embedded toy model (no downloads)\nThe world clip's frames go into the stream's `video` input (with its frame rate into `video_fps`): they are encoded with the toy's `vae` and held clean in every block while the sound is generated to them, a tone at every contact. The caption of the same clip is the prompt. The stream's file and IMAGE output carry the given frames themselves.\n\nYour own video: replace *OmniForcing Toy World Clip* with **Load Video** (+ Get Video Components for frames and fps) or any IMAGE frames; they are resampled to 24 fps, scaled to cover 128x128 and cut to `seconds`.",
+  }),
+  omniforcing_a2v: {
+    nodes: [
+      ...loaders(),
+      { id: 9, type: "LoadAudio", pos: [480, 300], size: [320, 140], widgets: { audio: "example.wav" } },
+      { id: 10, type: "CLIPTextEncode", pos: [480, 60], size: [400, 160], title: "Prompt",
+        widgets: { text: "A drummer plays a wooden drum kit in a small club, warm stage lights, each hit lands with the beat, the camera holds a medium shot." } },
+      { id: 11, type: "OmniForcingStream", pos: [960, 60], size: [420, 900],
+        widgets: { width: 768, height: 512, seconds: 5, seed: 5, control_after_generate: "fixed", steps: STEPS, window: 0,
+                   layout: "model", filename_prefix: "omniforcing/a2v", decode: "balanced", keep_frames: true } },
+      note(30, [40, 760], `### OmniForcing: audio -> video\nYour sound (**Load Audio**: put \`example.wav\` or any audio file into ComfyUI's \`input/\` folder, or upload one) goes into the stream's \`audio\` input: it is encoded with the LTX-2 audio VAE and held clean in every block while the video is generated to it. It is resampled and cut to \`seconds\` (a shorter file is refused). The prompt describes the picture; the file and the AUDIO output carry your sound itself.\n\n${FILES}`),
+    ],
+    links: [[3, 0, 10, "clip"], [4, 0, 11, "model"], [10, 0, 11, "positive"], [1, 2, 11, "vae"], [2, 0, 11, "audio_vae"],
+            [9, 0, 11, "audio"]],
   },
 };
