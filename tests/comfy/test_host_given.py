@@ -123,11 +123,16 @@ def _luma(frames):
 
 def _toy_example(name: str, seconds: int = 2):
     """A shipped toy A->V / V->A example, shortened, with the stream's outputs saved and the caption shown."""
+    from omniforcing_core.toy.world import make_clip
+
     g = load_api_workflow(name)
     (world,) = nodes_of(g, "OmniForcingToyWorldClip")
     (stream,) = nodes_of(g, "OmniForcingStream")
     (enc,) = nodes_of(g, "OmniForcingToyTextEncode")
-    assert g[enc]["inputs"]["text"] == [world, 2]  # the prompt is the clip's caption, linked
+    # the prompt is the shipped clip's caption (typed in, so batch prompts can replace it)
+    w = g[world]["inputs"]
+    assert g[enc]["inputs"]["text"] == make_clip(w["seed"], w["seconds"], 32).caption
+    assert w["seconds"] == g[stream]["inputs"]["seconds"]
     g[world]["inputs"]["seconds"] = seconds
     g[stream]["inputs"]["seconds"] = seconds
     g["90"] = {"class_type": "OmniForcingTestSaveTensors",

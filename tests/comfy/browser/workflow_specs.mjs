@@ -31,8 +31,9 @@ const decodeLinks = (sampler) => [
 ];
 
 // The toy A->V / V->A examples: a world clip is the given media (its `given` outputs -> the stream's inputs,
-// as [world clip output slot, stream input] pairs) and its caption the prompt (linked; `caption`, the same
-// text, is what the widget shows if the link is removed).
+// as [world clip output slot, stream input] pairs) and its caption the prompt, typed into the widget rather
+// than linked from the clip's `caption` output (the frontend could link it), so the prompt node keeps a text
+// widget like every shipped workflow: scripts/queue_batch.py replaces it with each prompt of a batch.
 const toyGiven = ({ seed, caption, prefix, given, note: text }) => ({
   nodes: [
     { id: 1, type: "OmniForcingToyModel", pos: [40, 150] },
@@ -44,7 +45,7 @@ const toyGiven = ({ seed, caption, prefix, given, note: text }) => ({
                  layout: "model", filename_prefix: prefix, decode: "balanced", keep_frames: true } },
     note(30, [940, 60], text),
   ],
-  links: [[1, 0, 4, "model"], [1, 1, 3, "toy"], [2, 2, 3, "text"], [3, 0, 4, "positive"], [1, 3, 4, "vae"],
+  links: [[1, 0, 4, "model"], [1, 1, 3, "toy"], [3, 0, 4, "positive"], [1, 3, 4, "vae"],
           [1, 4, 4, "audio_vae"], ...given.map(([slot, input]) => [2, slot, 4, input])],
 });
 
@@ -120,11 +121,11 @@ export const WORKFLOWS = {
   },
   omniforcing_toy_a2v: toyGiven({
     seed: 5, caption: "a blue ball bounces four times, a red square bounces five times", prefix: "omniforcing/toy_a2v", given: [[1, "audio"]],
-    note: "### OmniForcing: audio -> video with the embedded toy model (no downloads)\nThe world clip's sound goes into the stream's `audio` input: it is encoded with the toy's `audio_vae` and held clean in every block while the video is generated to it, so shapes hit the floor and walls when the tones sound. The caption of the same clip is the prompt. The stream's file and AUDIO output carry the given sound itself.\n\nYour own sound: replace *OmniForcing Toy World Clip* with **Load Audio** (any length of at least `seconds`; it is resampled and cut) and write a caption in the toy world's words.",
+    note: "### OmniForcing: audio -> video with the embedded toy model (no downloads)\nThe world clip's sound goes into the stream's `audio` input: it is encoded with the toy's `audio_vae` and held clean in every block while the video is generated to it, so shapes hit the floor and walls when the tones sound. The prompt is the clip's caption, typed in for seed 5 and 5 s: after changing those, link the clip's `caption` output into the prompt's text, or write your own in the toy world's words. The stream's file and AUDIO output carry the given sound itself.\n\nYour own sound: replace *OmniForcing Toy World Clip* with **Load Audio** (any length of at least `seconds`; it is resampled and cut) and describe the picture you want in the prompt.",
   }),
   omniforcing_toy_v2a: toyGiven({
     seed: 8, caption: "a red square bounces five times, a green ball slides and hits the wall many times", prefix: "omniforcing/toy_v2a", given: [[0, "video"], [3, "video_fps"]],
-    note: "### OmniForcing: video -> audio with the embedded toy model (no downloads)\nThe world clip's frames go into the stream's `video` input (with its frame rate into `video_fps`): they are encoded with the toy's `vae` and held clean in every block while the sound is generated to them, a tone at every contact. The caption of the same clip is the prompt. The stream's file and IMAGE output carry the given frames themselves.\n\nYour own video: replace *OmniForcing Toy World Clip* with **Load Video** (+ Get Video Components for frames and fps) or any IMAGE frames; they are resampled to 24 fps, scaled to cover 128x128 and cut to `seconds`.",
+    note: "### OmniForcing: video -> audio with the embedded toy model (no downloads)\nThe world clip's frames go into the stream's `video` input (with its frame rate into `video_fps`): they are encoded with the toy's `vae` and held clean in every block while the sound is generated to them, a tone at every contact. The prompt is the clip's caption, typed in for seed 8 and 5 s: after changing those, link the clip's `caption` output into the prompt's text, or write your own in the toy world's words. The stream's file and IMAGE output carry the given frames themselves.\n\nYour own video: replace *OmniForcing Toy World Clip* with **Load Video** (+ Get Video Components for frames and fps) or any IMAGE frames; they are resampled to 24 fps, scaled to cover 128x128 and cut to `seconds`.",
   }),
   omniforcing_a2v: {
     nodes: [
