@@ -71,8 +71,7 @@ class ToyVideoVAE:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """IMAGE frames [F, H, W, C] (one clip, as ComfyUI's video VAEs read an IMAGE batch) or
         [B, F, H, W, C] -> [B, 128, 1 + (F-1)//8, H//32, W//32]. Like LTX-2's VAE it crops the size
-        (centred) to multiples of 32 and the length to 1 + 8k frames. Codecs shipped without encoder
-        weights get latents fitted to their decoder (toy.encode)."""
+        (centred) to multiples of 32 and the length to 1 + 8k frames."""
         t = DEFAULT_TIME
         x = _cpu(pixels[..., :3])
         x = x[None] if x.dim() == 4 else x

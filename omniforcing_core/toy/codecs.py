@@ -31,17 +31,30 @@ MEL_OFFSET, MEL_SCALE = 5.0, 3.0  # log-mel normalisation for the audio codec (l
 
 
 class VideoCodec(nn.Module):
-    def __init__(self, channels: int = 128, hidden: int = 256, pool: int = 4, spatial: int = 32, stride: int = 8):
+    """One latent per 8 frames x (32 x 32) pixels, LTX-2's grid; the toy works at half resolution inside
+    (`pool` 2: a latent covers 8 frames of 16 x 16 pooled pixels).
+
+    Encoder: every frame of a tile through a shared MLP to a small frame code, the tile's 8 frame codes
+    to the latent (so the frame where an event happens keeps its own slot). Decoder: a latent and its 8
+    spatial neighbours (zeros beyond the border) -> 8 frame codes -> each frame's pixels, so an object
+    across a tile edge is drawn by both tiles alike (no seams). Time reach is exactly one latent."""
+
+    def __init__(self, channels: int = 128, hidden: int = 256, frame_code: int = 32, pool: int = 2,
+                 spatial: int = 32, stride: int = 8):
         super().__init__()
-        self.channels, self.pool, self.spatial, self.stride = channels, pool, spatial, stride
+        self.channels, self.pool, self.spatial, self.stride, self.frame_code = channels, pool, spatial, stride, frame_code
         self.patch = spatial // pool
-        d = 3 * stride * self.patch * self.patch
-        self.enc = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        self.dec = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, d))
+        d = 3 * self.patch * self.patch
+        self.enc = nn.ModuleDict({"frame": nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, frame_code)),
+                                  "time": nn.Linear(stride * frame_code, channels)})
+        self.dec = nn.ModuleDict({"time": nn.Sequential(nn.Linear(9 * channels, hidden), nn.GELU(),
+                                                        nn.Linear(hidden, stride * frame_code)),
+                                  "frame": nn.Sequential(nn.Linear(frame_code, hidden), nn.GELU(), nn.Linear(hidden, d))})
         self.register_buffer("latent_mean", torch.zeros(channels))
         self.register_buffer("latent_std", torch.ones(channels))
 
     def _groups(self, video: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """[B, 3, F, H, W] -> [B, n, hh, ww, 8, 3 * p * p]: each latent's 8 frames of its tile."""
         b, c, f, h, w = video.shape
         if (f - 1) % self.stride:
             raise ValueError(f"video has {f} frames; the codec needs 1 + {self.stride}k")
@@ -49,25 +62,29 @@ class VideoCodec(nn.Module):
         x = torch.cat([x[:, :, :1].expand(-1, -1, self.stride - 1, -1, -1), x], 2)  # causal: frame 0 alone
         p, s = self.patch, self.stride
         n, hh, ww = x.shape[2] // s, x.shape[3] // p, x.shape[4] // p
-        x = x.view(b, c, n, s, hh, p, ww, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        return x.reshape(b, n, hh, ww, c * s * p * p)
+        x = x.reshape(b, c, n, s, hh, p, ww, p).permute(0, 2, 4, 6, 3, 1, 5, 7)
+        return x.reshape(b, n, hh, ww, s, c * p * p)
 
     def encode(self, video: torch.Tensor, normalise: bool = True, pooled: bool = False) -> torch.Tensor:
-        """[B, 3, F, H, W] in [0, 1] -> [B, 128, 1 + (F-1)/8, H/32, W/32] (`pooled`: input already at 1/4 size)."""
-        z = self.enc(self._groups(video * 2 - 1, pooled)).permute(0, 4, 1, 2, 3)
+        """[B, 3, F, H, W] in [0, 1] -> [B, 128, 1 + (F-1)/8, H/32, W/32] (`pooled`: input already at 1/pool size)."""
+        g = self._groups(video.float() * 2 - 1, pooled)
+        z = self.enc["time"](self.enc["frame"](g).flatten(-2)).permute(0, 4, 1, 2, 3)
         if normalise:
             z = (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
         return z
 
     def decode(self, latents: torch.Tensor, normalised: bool = True, full_res: bool = True) -> torch.Tensor:
-        """[B, 128, L, h, w] -> [B, 3, 1 + 8(L-1), 32h, 32w] in [0, 1] (pooled size if not full_res)."""
+        """[B, 128, L, h, w] -> [B, 3, 1 + 8(L-1), 32h, 32w] in [0, 1] (1/pool size if not full_res)."""
         z = latents.float()
         if normalised:
             z = z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
-        b, _, n, hh, ww = z.shape
+        b, c, n, hh, ww = z.shape
+        zp = F.pad(z, (1, 1, 1, 1))
+        near = torch.cat([zp[..., i:i + hh, j:j + ww] for i in range(3) for j in range(3)], 1)  # [B, 9C, n, h, w]
         p, s = self.patch, self.stride
-        x = self.dec(z.permute(0, 2, 3, 4, 1)).view(b, n, hh, ww, 3, s, p, p)
-        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, 3, n * s, hh * p, ww * p)[:, :, s - 1:]
+        codes = self.dec["time"](near.permute(0, 2, 3, 4, 1)).view(b, n, hh, ww, s, self.frame_code)
+        x = self.dec["frame"](codes).view(b, n, hh, ww, s, 3, p, p)
+        x = x.permute(0, 5, 1, 4, 2, 6, 3, 7).reshape(b, 3, n * s, hh * p, ww * p)[:, :, s - 1:]
         x = (x + 1) / 2
         if full_res and self.pool > 1:
             f = x.shape[2]
@@ -75,75 +92,6 @@ class VideoCodec(nn.Module):
                               mode="bilinear", align_corners=False)
             x = x.view(b, f, 3, hh * p * self.pool, ww * p * self.pool).transpose(1, 2)
         return x.clamp(0, 1)
-
-    @torch.no_grad()
-    def fit_latents(self, video: torch.Tensor, iters: int = 10, prior: float = 1e-2, pooled: bool = False,
-                    chunk: int = 256) -> torch.Tensor:
-        """[B, 3, F, H, W] in [0, 1] -> the normalised latents whose decode is closest to it (at the
-        codec's pooled size, where the encoder works too; `pooled`: the input is at that size already).
-
-        An encoder for decoders shipped alone (the embedded toy keeps only its decoders). The decoder is
-        one small MLP per latent, so each latent is its own 128-unknown least-squares fit: Levenberg-
-        Marquardt with the Jacobian written out (no autograd: ComfyUI runs nodes in inference mode) and a
-        weak pull towards the latent mean (`prior`; 1e-2 keeps world clips' latents at about unit scale,
-        as the trained encoder's, for 1 % more error). Latent 0 is fitted to the one frame the decoder
-        keeps of it."""
-        target = self._groups(video.float() * 2 - 1, pooled)  # [B, n, hh, ww, d], latent 0 = frame 0 repeated
-        b, n, hh, ww, d = target.shape
-        lin1, lin2 = self.dec[0], self.dec[2]
-        std, mean = self.latent_std.float(), self.latent_mean.float()
-        w1 = lin1.weight.float() * std  # the first layer acting on normalised latents
-        c1 = lin1.weight.float() @ mean + lin1.bias.float()
-        w2, b2 = lin2.weight.float(), lin2.bias.float()
-        keep0 = torch.zeros(3, self.stride, self.patch * self.patch, device=w2.device)
-        keep0[:, -1] = 1  # decode() drops the first stride - 1 frames of latent 0
-        masks = (keep0.flatten(), torch.ones(d, device=w2.device))
-        z = torch.empty(b, n, hh, ww, self.channels, device=w2.device)
-        for first, sl in ((True, slice(0, 1)), (False, slice(1, n))):
-            rows = target[:, sl].reshape(-1, d)
-            if not len(rows):
-                continue
-            out = [_lm_fit(x, masks[0 if first else 1], w1, c1, w2, b2, iters, prior) for x in rows.split(chunk)]
-            z[:, sl] = torch.cat(out).view(b, -1, hh, ww, self.channels)
-        return z.permute(0, 4, 1, 2, 3).contiguous()
-
-
-def _gelu_grad(a: torch.Tensor) -> torch.Tensor:
-    """d/da of the exact (erf) GELU: Phi(a) + a * phi(a)."""
-    return 0.5 * (1 + torch.erf(a / math.sqrt(2))) + a * torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-
-
-def _lm_fit(x, mask, w1, c1, w2, b2, iters: int, prior: float) -> torch.Tensor:
-    """min_z |mask * (W2 gelu(W1 z + c1) + b2 - x)|^2 + prior |z|^2 for each row of x, by Levenberg-
-    Marquardt (a step that does not lower a row's loss is refused and that row's damping raised)."""
-    gram = (w2 * mask[:, None]).T @ w2  # W2^T diag(mask) W2: J^T J needs no [rows, d, 128] Jacobian
-    eye = torch.eye(w1.shape[1], device=w1.device)
-
-    def loss(z):
-        a = z @ w1.T + c1
-        r = (torch.nn.functional.gelu(a) @ w2.T + b2 - x) * mask
-        return a, r, (r * r).sum(1) + prior * (z * z).sum(1)
-
-    z = torch.zeros(x.shape[0], w1.shape[1], device=w1.device)
-    damping = torch.full((x.shape[0], 1, 1), 1.0, device=w1.device)  # cautious first steps: bolder ones (1e-2,
-    # shrinking faster) end in worse minima of this non-convex fit
-    a, r, cur = loss(z)
-    for _ in range(iters):
-        gp = _gelu_grad(a)
-        jw = gp[:, :, None] * w1  # diag(gelu') W1, [rows, hidden, 128]
-        jtj = jw.transpose(1, 2) @ gram @ jw
-        jtr = ((r @ w2) * gp) @ w1 + prior * z
-        h = jtj + prior * eye
-        step = torch.linalg.solve(h + damping * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None] * eye,
-                                  jtr)
-        a_new, r_new, new = loss(z - step)
-        better = new < cur
-        z = torch.where(better[:, None], z - step, z)
-        a = torch.where(better[:, None], a_new, a)
-        r = torch.where(better[:, None], r_new, r)
-        cur = torch.where(better, new, cur)
-        damping = torch.where(better[:, None, None], damping / 2, damping * 4)
-    return z
 
 
 def mel_filterbank(n_fft: int = N_FFT, n_mels: int = N_MELS, sample_rate: int = SAMPLE_RATE,
@@ -245,34 +193,51 @@ def level_stage(mag: torch.Tensor) -> torch.Tensor:
 
 
 class Vocoder(nn.Module):
-    """Procedural vocoder: log-mel -> linear magnitude (pseudo-inverse of the filterbank) -> Griffin-Lim."""
+    """Procedural sinusoidal vocoder (no weights): log-mel -> linear magnitude (pseudo-inverse of the
+    filterbank) -> per frame its strongest spectral peaks -> sine grains, overlap-added.
 
-    def __init__(self, iters: int = 24, out_rate: int = 24000):
+    The world sounds in tones, so a generated spectrum is rendered as the tones it holds rather than
+    as noise with a guessed phase (Griffin-Lim's broadband hiss). Every frame becomes a Hann grain two
+    hops long centred on its time (the grains sum to one), holding up to `peaks` sines at the frame's
+    spectral peaks above `rel_floor` of its strongest. Peak frequencies are parabola-refined, then
+    snapped to multiples of 25 Hz - the audio latent rate - so a sine's phase is the same at every
+    latent boundary: windows decoded apart (streaming) line up with no phase jump, and each frame
+    depends on its own mel frame alone."""
+
+    QUANTUM_HZ = 25.0  # = audio latents per second: phase-periodic over one latent (4 mel frames)
+
+    def __init__(self, out_rate: int = 24000, peaks: int = 6, rel_floor: float = 0.1, gain: float = 1.8):
         super().__init__()
-        self.iters, self.out_rate = iters, out_rate
+        self.out_rate, self.peaks, self.rel_floor = out_rate, peaks, rel_floor
+        self.gain = gain  # the pseudo-inverse spreads a peak over its neighbours: x1.8 restores world levels (RMS)
         fb = mel_filterbank()
         self.register_buffer("inv", torch.linalg.pinv(fb), persistent=False)
-        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+        # a sine of amplitude A peaks at A * sum(window) / 2 in a Hann-windowed STFT
+        self.peak_scale = float(torch.hann_window(N_FFT).sum()) / 2
 
     @torch.no_grad()
     def forward(self, log_mel: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """[B, 64, m + 1] -> waveform [B, 160 m * out_rate / 16000] at `out_rate` Hz."""
-        mag = level_stage(torch.clamp(self.inv @ torch.exp(log_mel.float()), min=0))
-        mag = torch.where(mag < 2e-5, torch.zeros_like(mag), mag)
-        n = HOP * (mag.shape[-1] - 1)
-        g = torch.Generator().manual_seed(seed)
-        phase = torch.exp(2j * math.pi * torch.rand(mag.shape, generator=g)).to(torch.complex64)
-        wave = None
-        for _ in range(self.iters):
-            wave = torch.istft(mag * phase, N_FFT, HOP, window=self.window, center=True, length=n)
-            spec = torch.stft(wave, N_FFT, HOP, window=self.window, center=True, pad_mode="reflect",
-                              return_complex=True)
-            phase = spec / spec.abs().clamp(min=1e-8)
-        wave = torch.istft(mag * phase, N_FFT, HOP, window=self.window, center=True, length=n)
-        if self.out_rate != SAMPLE_RATE:
-            out_n = int(round(n * self.out_rate / SAMPLE_RATE))
-            wave = F.interpolate(wave[:, None], size=out_n, mode="linear", align_corners=False)[:, 0]
-        return soft_limit(wave)  # a level stage, not clipping
+        """[B, 64, m + 1] -> waveform [B, 160 m * out_rate / 16000] at `out_rate` Hz (`seed` is unused:
+        the vocoder is deterministic; kept for callers of the former Griffin-Lim one)."""
+        mag = level_stage(torch.clamp(self.inv @ torch.exp(log_mel.float()), min=0))  # [B, K, M]
+        b, nbin, m = mag.shape
+        left, mid, right = mag[:, :-2], mag[:, 1:-1], mag[:, 2:]
+        top = mag.amax(1, keepdim=True)
+        peak = (mid > left) & (mid >= right) & (mid > self.rel_floor * top) & (mid > 2e-5)
+        val, idx = torch.where(peak, mid, torch.zeros_like(mid)).topk(min(self.peaks, nbin - 2), dim=1)  # [B, P, M]
+        la, lb, lc = (torch.log(mag.gather(1, idx + o).clamp(min=1e-12)) for o in (0, 1, 2))
+        den = la - 2 * lb + lc
+        delta = torch.where(den.abs() > 1e-9, 0.5 * (la - lc) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
+        freq = (idx + 1 + delta) * SAMPLE_RATE / N_FFT
+        freq = (freq / self.QUANTUM_HZ).round() * self.QUANTUM_HZ
+        amp = self.gain * val / self.peak_scale  # zero where no peak
+        hop = self.out_rate * HOP // SAMPLE_RATE
+        t = (torch.arange(m, dtype=torch.float64)[:, None] * hop + torch.arange(-hop, hop)) / self.out_rate  # [M, 2hop]
+        phase = 2 * math.pi * freq.double()[..., None] * t  # [B, P, M, 2hop]
+        grains = (amp.double()[..., None] * torch.sin(phase)).sum(1)  # [B, M, 2hop]
+        grains = grains * torch.hann_window(2 * hop, dtype=torch.float64)
+        wave = grains[:, :-1, hop:] + grains[:, 1:, :hop]  # between frames j and j + 1: two grains overlap
+        return soft_limit(wave.reshape(b, (m - 1) * hop).float())  # a level stage, not clipping
 
 
 class Codecs(nn.Module):
@@ -299,7 +264,11 @@ def load_codecs(path) -> Codecs:
     from safetensors.torch import load_file
     p = Path(path)
     c = Codecs()
-    c.load_state_dict(load_file(str(p / "codecs.safetensors" if p.is_dir() else p)), strict=False)
+    f = p / "codecs.safetensors" if p.is_dir() else p
+    missing, unexpected = c.load_state_dict(load_file(str(f)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{f} does not hold this version's toy codecs (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): it was made by an older recipe; train them again with `toy codecs`")
     return c.eval().requires_grad_(False)
 
 

@@ -15,8 +15,9 @@ from ..config import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-# the toy transformer: every structural rule of LTX-2 (dual stream, 2 heads, cross geometry) at width 64/32
-TOY_MODEL = ModelConfig(num_layers=3, video_heads=2, video_head_dim=32, audio_heads=2, audio_head_dim=16,
+# the toy transformer: every structural rule of LTX-2 (dual stream, cross geometry) at width 128/64, 4 layers
+# (issue 12: the 3-layer 64/32 one learned captions but not synchrony, its teacher included)
+TOY_MODEL = ModelConfig(num_layers=4, video_heads=4, video_head_dim=32, audio_heads=4, audio_head_dim=16,
                         caption_channels=32)
 TOY_SIZE = 128  # pixels (4 x 4 latent grid)
 TOY_SECONDS = 2  # v2 layout: 7 video latents (49 frames), 51 audio latents
@@ -46,10 +47,17 @@ class StageConfig:
     save_every: int = 200
     caption_dropout: float = 0.1  # teacher: unconditional training for CFG
     sigma_shift: float = 1.0  # teacher: log-shift of the logit-normal sigma draw
+    # teacher: share of samples whose video and audio sigmas are drawn independently, and share where one
+    # modality (either, at random) is given clean (sigma 0, no loss on it) - conditional training, which
+    # teaches the cross-modal attention what A->V / V->A and synchrony need. ode: share of trajectories
+    # sampled with one modality (the clip's own latents) given, which Stage II then keeps clean.
+    independent_sigmas: float = 0.0
+    given_share: float = 0.0
     ode_steps: tuple[int, ...] = (1000, 909, 725, 421, 0)
     teacher_steps: int = 40  # Euler steps on LTX-2's shifted grid (ODE pairs)
     cfg_video: float = 3.0
     cfg_audio: float = 5.0
+    cfg_av: float = 0.0  # teacher sampling (ODE pairs, DMD): modality guidance, see stages.guided_x0
     num_pairs: int = 512  # ode: trajectories to generate
     audio_sigma_mapping: str = "block"  # causal: "block" (correct) | "proportional" (official bug, ref 8.2)
     audio_loss_weight: float = 1.0
@@ -93,11 +101,12 @@ class StageConfig:
 def toy_config(stage: str, **kw) -> StageConfig:
     """The toy recipe's defaults per stage (what the measured runs used, minus paths)."""
     base = {
-        "teacher": dict(lr=1e-3, steps=3000, batch=8, betas=(0.9, 0.99), warmup=100),
-        "ode": dict(num_pairs=384, batch=32),
+        "teacher": dict(lr=1e-3, steps=8000, batch=8, betas=(0.9, 0.99), warmup=200, independent_sigmas=0.3,
+                        given_share=0.6),  # the last phase; scripts/train_toy.sh ramps given_share up to it
+        "ode": dict(num_pairs=384, batch=32, given_share=0.5, cfg_av=2.0),
         "causal": dict(lr=3e-4, steps=1500, batch=8, betas=(0.9, 0.999)),
         "dmd": dict(lr=2e-5, critic_lr=2e-5, steps=1200, batch=4, betas=(0.0, 0.999), weight_decay=0.01,
-                    gen_every=5, ema_decay=0.99, ema_start=50),
+                    gen_every=5, ema_decay=0.99, ema_start=50, cfg_av=2.0),
     }
     base["bidmd"] = dict(base["dmd"])  # Stage I: Stage III's optimisation, bidirectional rollout
     if stage not in base:

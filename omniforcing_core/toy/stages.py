@@ -109,20 +109,56 @@ def sample_sigmas(b: int, g: torch.Generator, shift: float) -> torch.Tensor:
     return (e * u / (1 + (e - 1) * u)).clamp(1e-3, 1.0)
 
 
+def modality_sigmas(s: torch.Tensor, g: torch.Generator, cfg: StageConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-modality sigmas for the teacher: shared `s` by default; for a `cfg.independent_sigmas` share
+    of the batch one modality's sigma (either) is an independent uniform draw; for a `cfg.given_share` share one modality
+    (either, at random) is clean (sigma 0: given, as in A->V / V->A)."""
+    b = s.shape[0]
+    other = torch.rand(b, generator=g).clamp(1e-3, 1.0)  # uniform: sigma near 1 (no information) is common
+    u, which = torch.rand(b, generator=g), torch.rand(b, generator=g) < 0.5
+    given = u < cfg.given_share
+    indep = (u >= cfg.given_share) & (u < cfg.given_share + cfg.independent_sigmas)
+    sv, sa = torch.where(indep & which, other, s), torch.where(indep & ~which, other, s)
+    sv = torch.where(given & which, torch.zeros_like(sv), sv)
+    sa = torch.where(given & ~which, torch.zeros_like(sa), sa)
+    return sv, sa
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE over the samples in `keep` (a clean, given modality has nothing to predict)."""
+    per = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (per * keep).sum() / keep.sum().clamp(min=1)
+
+
 def sigma_of_t() -> torch.Tensor:
     """sigma for t = 0..1000 from LTX-2's shifted 1000-step schedule, reversed (DMD noise levels)."""
     grid = ltx2_sigma_grid(1000)
     return torch.tensor(grid[::-1], dtype=torch.float32)
 
 
-def guided_x0(model, xv, xa, sv, sa, text, uncond, cfg_v: float, cfg_a: float, layout=None):
-    """Teacher x0 with classifier-free guidance (separate video/audio scales), bidirectional by default."""
+def guided_x0(model, xv, xa, sv, sa, text, uncond, cfg_v: float, cfg_a: float, layout=None, cfg_av: float = 0.0):
+    """Teacher x0 with classifier-free guidance (separate video/audio scales), bidirectional by default.
+
+    `cfg_av` > 0 adds modality guidance: each stream's prediction is pushed away from what the model
+    predicts when the other stream carries no information (pure noise at sigma 1), i.e. towards what
+    the other stream says - the synchrony signal (needs a teacher trained with independent sigmas)."""
     both = text.cat(uncond) if uncond is not None else text
 
     def velocity(x: AV, s: AV) -> AV:
         return AV(*model(x.video, x.audio, s.video, s.audio, both, layout))
     cfg = AV(cfg_v, cfg_a) if uncond is not None else None
-    return tuple(predict_x0(velocity, AV(xv, xa), AV(sv, sa), cfg))
+    x0 = predict_x0(velocity, AV(xv, xa), AV(sv, sa), cfg)
+    if not cfg_av:
+        return tuple(x0)
+    # one call of 3b: [as given, video blind (its audio read), audio blind (its video read)], with text
+    g = torch.Generator().manual_seed(0)
+    nv, na = torch.randn(xv.shape, generator=g).to(xv), torch.randn(xa.shape, generator=g).to(xa)
+    ones, b = torch.ones_like(sv), xv.shape[0]
+    v, a = model(torch.cat([xv, nv, xv]), torch.cat([xa, xa, na]), torch.cat([sv, ones, sv]),
+                 torch.cat([sa, sa, ones]), text.cat(text).cat(text), layout)
+    cond_v, blind_v = x0_from_velocity(xv, v[:b], sv), x0_from_velocity(xv, v[2 * b:], sv)
+    cond_a, blind_a = x0_from_velocity(xa, a[:b], sa), x0_from_velocity(xa, a[b:2 * b], sa)
+    return x0.video + cfg_av * (cond_v - blind_v), x0.audio + cfg_av * (cond_a - blind_a)
 
 
 def _params_of(opt: torch.optim.Optimizer) -> list:
@@ -133,9 +169,12 @@ def _params_of(opt: torch.optim.Optimizer) -> list:
 
 @torch.no_grad()
 def teacher_sample(model, textenc, captions: list[str], shape_v, shape_a, g: torch.Generator, *, steps: int = 40,
-                   cfg_v: float = 3.0, cfg_a: float = 5.0, keep_sigmas=None):
+                   cfg_v: float = 3.0, cfg_a: float = 5.0, keep_sigmas=None, cfg_av: float = 0.0,
+                   given: Optional[tuple[str, torch.Tensor]] = None):
     """Euler sampling of the bidirectional teacher on LTX-2's shifted grid. Returns (video, audio,
-    trajectory) where the trajectory holds the states at the grid points nearest to `keep_sigmas`."""
+    trajectory) where the trajectory holds the states at the grid points nearest to `keep_sigmas`.
+    `given` = ("video" | "audio", latents): that modality is held clean (sigma 0) at every step and
+    only the other one is sampled (V->A, A->V)."""
     grid = ltx2_sigma_grid(steps)
     if keep_sigmas is not None:  # make the kept sigmas exact grid points (the student's sigmas)
         grid = sorted(set(grid) | {float(s) for s in keep_sigmas}, reverse=True)
@@ -146,14 +185,20 @@ def teacher_sample(model, textenc, captions: list[str], shape_v, shape_a, g: tor
     keep = {grid.index(float(s)): s for s in keep_sigmas} if keep_sigmas is not None else {}
     traj_v, traj_a = [], []
     b = shape_v[0]
+    clean = torch.zeros(b)
+    if given is not None:
+        xv, xa = (given[1], xa) if given[0] == "video" else (xv, given[1])
     for i in range(len(grid) - 1):
         s, nxt = grid[i], grid[i + 1]
         if i in keep:
             traj_v.append(xv.clone())
             traj_a.append(xa.clone())
         sig = torch.full((b,), s)
-        x0v, x0a = guided_x0(model, xv, xa, sig, sig, text, unc, cfg_v, cfg_a)
-        xv, xa = euler_step(xv, x0v, s, nxt), euler_step(xa, x0a, s, nxt)
+        sv = clean if given is not None and given[0] == "video" else sig
+        sa = clean if given is not None and given[0] == "audio" else sig
+        x0v, x0a = guided_x0(model, xv, xa, sv, sa, text, unc, cfg_v, cfg_a, cfg_av=cfg_av)
+        xv = xv if sv is clean else euler_step(xv, x0v, s, nxt)
+        xa = xa if sa is clean else euler_step(xa, x0a, s, nxt)
     traj_v.append(xv.clone())
     traj_a.append(xa.clone())
     return xv, xa, (torch.stack(traj_v, 1), torch.stack(traj_a, 1))
@@ -264,11 +309,12 @@ class TeacherStage(SupervisedStage):
         caps = ["" if d else self.data["captions"][j] for j, d in zip(idx.tolist(), drop.tolist())]
         s = sample_sigmas(cfg.batch, g, cfg.sigma_shift)
         ev, ea = randn(x0v.shape, g), randn(x0a.shape, g)
-        xv, xa = noisy(x0v, ev, s), noisy(x0a, ea, s)
+        sv, sa = modality_sigmas(s, g, cfg) if (cfg.independent_sigmas or cfg.given_share) else (s, s)
+        xv, xa = noisy(x0v, ev, sv), noisy(x0a, ea, sa)
         feats = self.textenc(caps)
         text = self.model.text_kv(feats, feats)
-        vv, va = self.model(xv, xa, s, s, text, None)
-        lv, la = F.mse_loss(vv, ev - x0v), F.mse_loss(va, ea - x0a)
+        vv, va = self.model(xv, xa, sv, sa, text, None)
+        lv, la = _masked_mse(vv, ev - x0v, sv > 0), _masked_mse(va, ea - x0a, sa > 0)
         loss = lv + cfg.audio_loss_weight * la
         return loss, {"loss": loss.item(), "video": lv.item(), "audio": la.item()}
 
@@ -308,22 +354,30 @@ def make_ode_pairs(cfg: StageConfig, out, log=print) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = cfg.num_pairs
-    vs, as_, caps = [], [], []
+    vs, as_, caps, givens = [], [], [], []
     shv, sha = data["video"].shape[1:], data["audio"].shape[1:]
     for s in range(0, n, cfg.batch):
         b = min(cfg.batch, n - s)
         g = step_generator(cfg, s)
         idx = torch.randint(len(data["captions"]), (b,), generator=g)
         c = [data["captions"][j] for j in idx.tolist()]
+        # a `given_share` of the batches hold one modality (the clip's own latents) clean: conditional
+        # trajectories, so the student learns A->V / V->A from what the teacher does with a given stream
+        mode = "none"
+        if float(torch.rand((), generator=g)) < cfg.given_share:
+            mode = "video" if float(torch.rand((), generator=g)) < 0.5 else "audio"
+        given = None if mode == "none" else (mode, data[mode][idx].float())
         _, _, (tv, ta) = teacher_sample(model, te, c, (b, *shv), (b, *sha), g, steps=cfg.teacher_steps,
-                                        cfg_v=cfg.cfg_video, cfg_a=cfg.cfg_audio, keep_sigmas=keep)
+                                        cfg_v=cfg.cfg_video, cfg_a=cfg.cfg_audio, keep_sigmas=keep, cfg_av=cfg.cfg_av,
+                                        given=given)
         vs.append(tv.half())
         as_.append(ta.half())
         caps += c
-        log(f"ode pairs {s + b}/{n}")
+        givens += [mode] * b
+        log(f"ode pairs {s + b}/{n} ({mode} given)")
     sig = torch.tensor(keep + [0.0])
     save_file({"video": torch.cat(vs).contiguous(), "audio": torch.cat(as_).contiguous(), "sigmas": sig}, str(out / "pairs.safetensors"))
-    (out / "pairs.json").write_text(json.dumps({"captions": caps, "teacher": str(cfg.teacher)}))
+    (out / "pairs.json").write_text(json.dumps({"captions": caps, "given": givens, "teacher": str(cfg.teacher)}))
     return out
 
 
@@ -347,7 +401,11 @@ class CausalStage(SupervisedStage):
         from safetensors.torch import load_file
         t = load_file(str(Path(cfg.data) / "pairs.safetensors"))
         self.traj_v, self.traj_a, self.sigmas = t["video"].float(), t["audio"].float(), t["sigmas"].float()
-        self.captions = json.loads((Path(cfg.data) / "pairs.json").read_text())["captions"]
+        meta = json.loads((Path(cfg.data) / "pairs.json").read_text())
+        self.captions = meta["captions"]
+        given = meta.get("given") or ["none"] * len(self.captions)  # which modality each trajectory held clean
+        self.given_video = torch.tensor([m == "video" for m in given])
+        self.given_audio = torch.tensor([m == "audio" for m in given])
         self.model = new_model(cfg, cfg.seed)
         st = _load_run_modules(cfg.init)
         load_into(self.model, st["model"])  # new sink tokens keep their random init
@@ -370,6 +428,9 @@ class CausalStage(SupervisedStage):
         idx = torch.randint(self.traj_v.shape[0], (b,), generator=g)
         k = torch.randint(self.sigmas.numel(), (b, self.nblocks), generator=g)  # trajectory index per block
         kv, ka = k[:, self.vblock], k[:, self.ablock]  # [B, Fv], [B, Fa]
+        last = self.sigmas.numel() - 1  # a conditional trajectory's given modality is clean (sigma 0) throughout
+        kv = torch.where(self.given_video[idx][:, None], torch.full_like(kv, last), kv)
+        ka = torch.where(self.given_audio[idx][:, None], torch.full_like(ka, last), ka)
         tv, ta = self.traj_v[idx], self.traj_a[idx]  # [B, 5, C, F, ...]
         xv = torch.gather(tv, 1, kv[:, None, None, :, None, None].expand(-1, 1, *tv.shape[2:])).squeeze(1)
         xa = torch.gather(ta, 1, ka[:, None, None, :, None].expand(-1, 1, *ta.shape[2:])).squeeze(1)
@@ -461,7 +522,7 @@ class DMDStage(Stage):
             with torch.no_grad():
                 tt = self.teacher.text_kv(feats, feats)
                 tu = self.teacher.text_kv(unc, unc)
-                rv, ra = guided_x0(self.teacher, nv, na, s, s, tt, tu, cfg.cfg_video, cfg.cfg_audio)
+                rv, ra = guided_x0(self.teacher, nv, na, s, s, tt, tu, cfg.cfg_video, cfg.cfg_audio, cfg_av=cfg.cfg_av)
                 ct = self.critic.text_kv(feats, feats)
                 fv, fa = guided_x0(self.critic, nv, na, s, s, ct, None, 1.0, 1.0)
                 gv = torch.nan_to_num((fv - rv) / (xv - rv).abs().mean((1, 2, 3, 4), keepdim=True).add(1e-8))
