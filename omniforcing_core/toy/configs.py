@@ -101,7 +101,7 @@ class StageConfig:
 def toy_config(stage: str, **kw) -> StageConfig:
     """The toy recipe's defaults per stage (what the measured runs used, minus paths)."""
     base = {
-        "teacher": dict(lr=1e-3, steps=8000, batch=8, betas=(0.9, 0.99), warmup=200, independent_sigmas=0.3,
+        "teacher": dict(lr=1e-3, steps=11000, batch=8, betas=(0.9, 0.99), warmup=200, independent_sigmas=0.3,
                         given_share=0.6),  # the last phase; scripts/train_toy.sh ramps given_share up to it
         "ode": dict(num_pairs=384, batch=32, given_share=0.5, cfg_av=2.0),
         "causal": dict(lr=3e-4, steps=1500, batch=8, betas=(0.9, 0.999)),
