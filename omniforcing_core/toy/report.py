@@ -56,6 +56,11 @@ def sound_onsets(log_mel: torch.Tensor, colours=None, thr: float = -5.0, refract
     return out
 
 
+def colour_mask(frames: torch.Tensor, colour: str, tol: float = 0.3) -> torch.Tensor:
+    """frames [3, F, H, W] -> [F, H, W] bool: pixels within `tol` of the colour in every channel."""
+    return (frames - torch.tensor(COLOURS[colour][0]).view(3, 1, 1, 1)).abs().amax(0) < tol
+
+
 def tracks(frames: torch.Tensor, colours=None, tol: float = 0.3):
     """frames [3, F, H, W] -> {colour: (x [F], y [F], area [F])} centroids (NaN when absent)."""
     out = {}
@@ -63,9 +68,7 @@ def tracks(frames: torch.Tensor, colours=None, tol: float = 0.3):
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     for c in colours or COLOURS:
-        rgb = torch.tensor(COLOURS[c][0]).view(3, 1, 1, 1)
-        d = (frames - rgb).abs().amax(0)  # [F, H, W]
-        m = (d < tol).float()
+        m = colour_mask(frames, c, tol).float()
         area = m.sum((1, 2))
         cx = (m * xs).sum((1, 2)) / area.clamp(min=1)
         cy = (m * ys[:, None]).sum((1, 2)) / area.clamp(min=1)
@@ -144,8 +147,7 @@ def shape_score(frames: torch.Tensor, shapes: dict, tol: float = 0.3) -> tuple[i
     share of its mask in its bounding box, square above `SQUARE_FILL`, ball below."""
     ok = n = 0
     for c, shape in shapes.items():
-        rgb = torch.tensor(COLOURS[c][0]).view(3, 1, 1, 1)
-        m = (frames - rgb).abs().amax(0) < tol  # [F, H, W]
+        m = colour_mask(frames, c, tol)
         for f in range(m.shape[0]):
             area = int(m[f].sum())
             if area < 6:
@@ -188,6 +190,7 @@ def gen_teacher(teacher, te, caption, shape_v, shape_a, seed, steps, cfg_v=3.0, 
 
 @torch.no_grad()
 def gen_causal(model, te, caption, layout, size, seconds, seed, given=None, policy=None):
+    from ..cache import CachePolicy
     from ..sampling import stream
     from ..layout import make_clip as make_layout_clip
     feats = te([caption])
@@ -195,7 +198,7 @@ def gen_causal(model, te, caption, layout, size, seconds, seed, given=None, poli
     clip = make_layout_clip(layout, size, size, seconds=seconds, seed=seed)
     t0 = time.perf_counter()
     ttfc, vs, as_ = None, [], []
-    for r in stream(model, clip, text, given=given, **({"policy": policy} if policy is not None else {})):
+    for r in stream(model, clip, text, given=given, policy=policy or CachePolicy()):
         if ttfc is None:
             ttfc = time.perf_counter() - t0
         vs.append(r.video)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..flow import euler_step, noisy, predict_x0, x0_from_velocity
+from ..flow import euler_step, guide, noisy, predict_x0, x0_from_velocity
 from ..layout import BlockLayout, make_layout
 from ..layout import make_clip as layout_clip
 from ..modality import AV
@@ -147,18 +147,22 @@ def guided_x0(model, xv, xa, sv, sa, text, uncond, cfg_v: float, cfg_a: float, l
     def velocity(x: AV, s: AV) -> AV:
         return AV(*model(x.video, x.audio, s.video, s.audio, both, layout))
     cfg = AV(cfg_v, cfg_a) if uncond is not None else None
-    x0 = predict_x0(velocity, AV(xv, xa), AV(sv, sa), cfg)
     if not cfg_av:
-        return tuple(x0)
-    # one call of 3b: [as given, video blind (its audio read), audio blind (its video read)], with text
+        return tuple(predict_x0(velocity, AV(xv, xa), AV(sv, sa), cfg))
+    # one call: [as given (+ its unconditional half for CFG), video blind (its audio read), audio blind
+    # (its video read)], so the conditional prediction serves both guidances
+    k, b = (2 if cfg is not None else 1), xv.shape[0]
     g = torch.Generator().manual_seed(0)
     nv, na = torch.randn(xv.shape, generator=g).to(xv), torch.randn(xa.shape, generator=g).to(xa)
-    ones, b = torch.ones_like(sv), xv.shape[0]
-    v, a = model(torch.cat([xv, nv, xv]), torch.cat([xa, xa, na]), torch.cat([sv, ones, sv]),
-                 torch.cat([sa, sa, ones]), text.cat(text).cat(text), layout)
-    cond_v, blind_v = x0_from_velocity(xv, v[:b], sv), x0_from_velocity(xv, v[2 * b:], sv)
-    cond_a, blind_a = x0_from_velocity(xa, a[:b], sa), x0_from_velocity(xa, a[b:2 * b], sa)
-    return x0.video + cfg_av * (cond_v - blind_v), x0.audio + cfg_av * (cond_a - blind_a)
+    ones = torch.ones_like(sv)
+    v, a = model(torch.cat([xv] * k + [nv, xv]), torch.cat([xa] * k + [xa, na]), torch.cat([sv] * k + [ones, sv]),
+                 torch.cat([sa] * k + [sa, ones]), both.cat(text).cat(text), layout)
+    x0v = x0_from_velocity(torch.cat([xv] * k), v[:k * b], torch.cat([sv] * k))
+    x0a = x0_from_velocity(torch.cat([xa] * k), a[:k * b], torch.cat([sa] * k))
+    base_v, base_a = (guide(x0v, cfg_v), guide(x0a, cfg_a)) if cfg is not None else (x0v, x0a)
+    blind_v = x0_from_velocity(xv, v[(k + 1) * b:], sv)
+    blind_a = x0_from_velocity(xa, a[k * b:(k + 1) * b], sa)
+    return base_v + cfg_av * (x0v[:b] - blind_v), base_a + cfg_av * (x0a[:b] - blind_a)
 
 
 def _params_of(opt: torch.optim.Optimizer) -> list:
