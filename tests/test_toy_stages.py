@@ -2,6 +2,7 @@
 reload bit-exactly, a resumed run equals an uninterrupted one."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -117,6 +118,35 @@ def test_dmd_stage_runs_with_kv_rollout_and_reloads(toy, tmp_path):
         assert _states_equal(r.stage.modules()[name].state_dict(), fresh.modules()[name].state_dict())
 
 
+def test_dmd_with_a_given_modality_holds_it_clean_and_scores_only_the_other(toy, tmp_path):
+    from omniforcing_core.sampling import Given
+    from omniforcing_core.toy.stages import DMDStage
+    ccfg = toy_config("causal", data=str(toy / "ode"), init=str(toy / "teacher"), steps=1, batch=2, **SMALL)
+    Runner(ccfg, tmp_path / "causal", log=_quiet).run()
+    cfg = toy_config("dmd", data=str(toy / "data"), init=str(tmp_path / "causal"), teacher=str(toy / "teacher"),
+                     steps=4, batch=2, gen_every=1, given_share=1.0, **SMALL)
+    st = DMDStage(cfg)
+    idx = torch.tensor([0, 1])
+    assert {st._given(i, idx).modality for i in range(16)} == {"video", "audio"}
+    assert DMDStage(dataclasses.replace(cfg, given_share=0.0))._given(0, idx) is None
+    c = st.model.config.caption_channels
+    g = torch.Generator().manual_seed(0)
+    text = st.model.text_kv(torch.randn(2, 4, c, generator=g), torch.randn(2, 4, c, generator=g))
+    given = Given("video", st.data["video"][idx].float())
+    xv, xa, _ = st.rollout(text, g, 0, grad=False, given=given)
+    assert torch.equal(xv, given.latents)  # held clean through the rollout
+    xv0, _, _ = st.rollout(text, g, 0, grad=False)
+    assert not torch.allclose(xv0, given.latents)  # negative control: without it the video is generated
+    s = torch.full((2,), 0.5)
+    (nv, na), (sv, sa) = st._hold(given, (xv, xa), (xv + 1, xa + 1), s)
+    assert torch.equal(nv, xv) and torch.equal(na, xa + 1) and sv.eq(0).all() and torch.equal(sa, s)
+    for i in range(4):
+        out = st.step(i)
+        mode = st._given(i, idx).modality
+        assert out[f"dmd_{mode}"] == 0.0 and out[f"dmd_{'audio' if mode == 'video' else 'video'}"] > 0
+        assert math.isfinite(out["critic"])
+
+
 def test_shipped_stage_configs_round_trip_and_hold_only_fields_the_code_reads():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     assert names == ["toy_causal", "toy_dmd", "toy_ode", "toy_teacher"]
@@ -142,6 +172,10 @@ def test_report_table_runs_every_path(toy, tmp_path):
     assert names[0].startswith("ground-truth") and any(n.startswith("student") for n in names)
     assert any(n.startswith("undistilled causal") for n in names) and any(n.startswith("teacher") for n in names)
     assert rows[0]["event_recall"] == 1.0  # the detectors find the exact events of the world clip
+    by = {r["model"].split(",")[0]: r for r in rows}
+    for who in ("teacher", "student"):  # V->A rows measure the true video: its events are the ground truth's
+        assert by[f"V->A: {who}"]["visual_events"] == rows[0]["visual_events"] and by[f"V->A: {who}"]["presence"] == 1.0
+        assert by[f"A->V: {who}"]["s_per_clip"] > 0
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "time to first chunk" in table
 

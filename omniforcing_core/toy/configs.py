@@ -42,6 +42,7 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup: int = 0
+    cooldown: int = 0  # the last `cooldown` steps of the run take the learning rate linearly down to 0
     seed: int = 0
     log_every: int = 25
     save_every: int = 200

@@ -178,12 +178,12 @@ def _decode(codecs, v, a):
     return frames, mel
 
 
-def gen_teacher(teacher, te, caption, shape_v, shape_a, seed, steps, cfg_v=3.0, cfg_a=5.0, cfg_av=0.0):
+def gen_teacher(teacher, te, caption, shape_v, shape_a, seed, steps, cfg_v=3.0, cfg_a=5.0, cfg_av=0.0, given=None):
     from .stages import teacher_sample
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     v, a, _ = teacher_sample(teacher, te, [caption], shape_v, shape_a, g, steps=steps, cfg_v=cfg_v, cfg_a=cfg_a,
-                             cfg_av=cfg_av)
+                             cfg_av=cfg_av, given=given)
     dt = time.perf_counter() - t0
     return v, a, dt, dt  # bidirectional: the first chunk is the whole clip
 
@@ -235,69 +235,80 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GROUND_TRUTH, CHANCE = "ground-truth clip (detector check)", "chance level (ground truth, audio shifted 0.7 s)"
+
+
+def measure(generate, truth_of: dict, codecs, n: int, seed: int, seconds: int, size: int, log=print,
+            analyse_fn=None) -> dict:
+    """Run `generate(caption, seed, true_video_latents, true_audio_latents)` -> {row: (video, audio, s, ttfc)}
+    on `n` held-out world clips and analyse what it made: row -> (results, seconds per clip, ttfcs).
+
+    `truth_of[row]` names the modality that row measures as it truly is ("audio": A->V and its
+    control, whose generated video is matched against the clip's true audio; "video": V->A), or None.
+    The first two rows are the detectors on the exact clip (ground truth) and with its audio shifted
+    0.7 s (chance: right sounds, wrong times)."""
+    from .encode import encode_audio, encode_video
+    analyse_fn = analyse_fn or analyse
+    acc = {k: ([], [], []) for k in (GROUND_TRUTH, CHANCE, *truth_of)}
+    for i in range(n):
+        clip = make_clip(seed + i, seconds, size)
+        cap = clip.caption
+        gt_frames = torch.nn.functional.avg_pool3d(clip.video, (1, codecs.video.pool, codecs.video.pool))
+        gt_mel = codecs.audio.front(clip.audio[None])[0]
+        with torch.no_grad():
+            zv, za = encode_video(codecs, clip.video[None]), encode_audio(codecs, clip.audio[None])
+        made = {GROUND_TRUTH: (gt_frames, gt_mel, None), CHANCE: (gt_frames, torch.roll(gt_mel, 70, dims=1), None)}
+        for k, (v, a, dt, tt) in generate(cap, seed + i, zv, za).items():
+            fr, mel = _decode(codecs, v, a)
+            made[k] = (gt_frames if truth_of[k] == "video" else fr, gt_mel if truth_of[k] == "audio" else mel,
+                       (dt, tt) if dt == dt else None)
+        for k, (fr, mel, tm) in made.items():
+            acc[k][0].append(analyse_fn(fr, mel, cap))
+            if tm is not None:
+                acc[k][1].append(tm[0])
+                acc[k][2].append(tm[1])
+        log(f"clip {i + 1}/{n}: {cap}")
+    return acc
+
+
 def run_report(teacher_dir, student_dir, codecs_dir, n: int = 12, seed: int = 7_000_000, teacher_steps: int = 20,
                seconds: int = 2, size: int = 128, log=print, use_ema: bool = True, stage2_dir=None,
                cfg_av: float = 0.0) -> list[dict]:
-    """The ladder on `n` held-out world clips. `student_dir` None: the reference and teacher rows only
-    (a check while the teacher trains)."""
+    """The ladder on `n` held-out world clips, A->V and V->A included (the true audio / video given).
+    `student_dir` None: the reference and teacher rows only (a check while the teacher trains)."""
     from ..layout import make_layout
     from ..sampling import Given
     from .codecs import load_codecs
     from .stages import load_teacher
     codecs = load_codecs(codecs_dir)
     teacher, te = load_teacher(teacher_dir)
-    v2 = make_layout("v2")
-    guid = f", modality guidance {cfg_av:g}" if cfg_av else ""
-    rows_in = {"codec reconstruction (reference)": ([], [], []),
-               f"teacher (bidirectional, {teacher_steps} Euler steps, CFG{guid})": ([], [], [])}
-    if student_dir is not None:
-        student, layout = load_student(student_dir, use_ema)
-        rows_in["student (causal, 4 steps, KV cache)"] = ([], [], [])
-        rows_in["undistilled causal (teacher weights, causal, 4 steps, KV cache)"] = ([], [], [])
-    if stage2_dir is not None:
-        rows_in["student after Stage II only (causal, 4 steps, KV cache)"] = ([], [], [])
-        stage2, lay2 = load_student(stage2_dir, use_ema)
-    a2v, v2a = "A->V: student, true audio given, its video vs that audio", \
-        "V->A: student, true video given, its audio vs that video"
-    if student_dir is not None:
-        rows_in[a2v], rows_in[v2a] = ([], [], []), ([], [], [])
-    keys = list(rows_in)
-    gt_offsets, chance = [], []
-    for i in range(n):
-        clip = make_clip(seed + i, seconds, size)
-        cap = clip.caption
-        with torch.no_grad():
-            zv = codecs.video.encode(clip.video[None])
-            za = codecs.audio.encode(clip.audio[None])
-        outs = {keys[0]: (zv, za, float("nan"), float("nan")),
-                keys[1]: gen_teacher(teacher, te, cap, zv.shape, za.shape, seed + i, teacher_steps, cfg_av=cfg_av)}
-        if student_dir is not None:
-            outs[keys[2]] = gen_causal(student, te, cap, layout, size, seconds, seed + i)
-            outs[keys[3]] = gen_causal(teacher, te, cap, v2, size, seconds, seed + i)
-        if stage2_dir is not None:
-            outs[keys[4]] = gen_causal(stage2, te, cap, lay2, size, seconds, seed + i)
-        gt_frames = torch.nn.functional.avg_pool3d(clip.video, (1, codecs.video.pool, codecs.video.pool))
-        gt_mel = codecs.audio.front(clip.audio[None])[0]
-        if student_dir is not None:
-            outs[a2v] = gen_causal(student, te, cap, layout, size, seconds, seed + i, Given("audio", za))
-            outs[v2a] = gen_causal(student, te, cap, layout, size, seconds, seed + i, Given("video", zv))
-        for k, (v, a, dt, tt) in outs.items():
-            fr, mel = _decode(codecs, v, a)
-            fr, mel = (gt_frames if k == v2a else fr), (gt_mel if k == a2v else mel)  # the given stream as it is
-            res = analyse(fr, mel, cap)
-            rows_in[k][0].append(res)
-            if dt == dt:
-                rows_in[k][1].append(dt)
-                rows_in[k][2].append(tt)
-        # ground-truth check of the detectors on the exact (uncompressed) clip, and chance level:
-        # the same clip with its audio circularly shifted by 0.7 s (right sounds, wrong times)
-        gt_offsets.append(analyse(gt_frames, gt_mel, cap))
-        chance.append(analyse(gt_frames, torch.roll(gt_mel, 70, dims=1), cap))
-        log(f"report clip {i + 1}/{n}: {cap}")
-    rows = [_row("ground-truth clip (detector check)", gt_offsets, [], []),
-            _row("chance level (ground truth, audio shifted 0.7 s)", chance, [], [])]
-    rows += [_row(k, *v) for k, v in rows_in.items()]
-    return rows
+    tname = f"teacher (bidirectional, {teacher_steps} Euler steps, CFG{f', modality guidance {cfg_av:g}' if cfg_av else ''})"
+    causal = {"student (causal, 4 steps, KV cache)": load_student(student_dir, use_ema) if student_dir else None,
+              "undistilled causal (teacher weights, causal, 4 steps, KV cache)":
+                  (teacher, make_layout("v2")) if student_dir else None,
+              "student after Stage II only (causal, 4 steps, KV cache)":
+                  load_student(stage2_dir, use_ema) if stage2_dir else None}
+    causal = {k: v for k, v in causal.items() if v is not None}
+    student = causal.get("student (causal, 4 steps, KV cache)")
+    a2v, v2a = "A->V: {}, true audio given, its video vs that audio", "V->A: {}, true video given, its audio vs that video"
+    truth_of = {"codec reconstruction (reference)": None, tname: None, a2v.format("teacher"): "audio",
+                v2a.format("teacher"): "video", **{k: None for k in causal}}
+    if student:
+        truth_of.update({a2v.format("student"): "audio", v2a.format("student"): "video"})
+
+    def generate(cap, s, zv, za):
+        teach = lambda given=None: gen_teacher(teacher, te, cap, zv.shape, za.shape, s, teacher_steps,  # noqa: E731
+                                               cfg_av=cfg_av, given=given)
+        out = {"codec reconstruction (reference)": (zv, za, float("nan"), float("nan")), tname: teach(),
+               a2v.format("teacher"): teach(("audio", za)), v2a.format("teacher"): teach(("video", zv))}
+        out.update({k: gen_causal(m, te, cap, lay, size, seconds, s) for k, (m, lay) in causal.items()})
+        if student:
+            model, layout = student
+            out[a2v.format("student")] = gen_causal(model, te, cap, layout, size, seconds, s, Given("audio", za))
+            out[v2a.format("student")] = gen_causal(model, te, cap, layout, size, seconds, s, Given("video", zv))
+        return out
+    acc = measure(generate, truth_of, codecs, n, seed, seconds, size, log)
+    return [_row(k, *v) for k, v in acc.items()]
 
 
 def run_long_report(student_dir, codecs_dir, seconds: int = 60, segment: int = 10, n: int = 6,
@@ -514,44 +525,25 @@ def run_conditioned_report(n: int = 48, seed: int = 7_000_000, seconds: int = 2,
     caption and seed and match the generated modality against the same true media: what the caption
     alone buys (chance for timing). The encoder row decodes the given latents themselves."""
     from .default import load_default
-    from .encode import encode_audio, encode_video
     from ..sampling import Given
     d = load_default(assets)
     if not d.trained:
         raise RuntimeError("no trained assets: load_default() is the random fallback; run `export` first")
-    names = {"enc": "given latents decoded (the encoder check)",
-             "a2v": "A->V: student, true audio given, generated video",
-             "a2v0": "A->V control: unconditioned student video vs the true audio",
-             "v2a": "V->A: student, true video given, generated audio",
-             "v2a0": "V->A control: unconditioned student audio vs the true video"}
-    acc = {k: ([], [], []) for k in ("gt", "chance", *names)}
-    for i in range(n):
-        clip = make_clip(seed + i, seconds, d.size)
-        cap = clip.caption
-        pool = d.codecs.video.pool
-        gt_frames = torch.nn.functional.avg_pool3d(clip.video, (1, pool, pool))
-        gt_mel = d.codecs.audio.front(clip.audio[None])[0]
-        za, zv = encode_audio(d.codecs, clip.audio[None]), encode_video(d.codecs, clip.video[None])
-        dec_frames = lambda v: d.codecs.video.decode(v, full_res=False)[0]  # noqa: E731
-        dec_mel = lambda a: d.codecs.audio.decode_mel(a)[0]  # noqa: E731
-        fv, fa, fdt, ftt = _given_stream(d, cap, seconds, seed + i)
-        av, _, adt, att = _given_stream(d, cap, seconds, seed + i, Given("audio", za))
-        _, va, vdt, vtt = _given_stream(d, cap, seconds, seed + i, Given("video", zv))
-        runs = {"gt": (gt_frames, gt_mel, None), "chance": (gt_frames, torch.roll(gt_mel, 70, dims=1), None),
-                "enc": (dec_frames(zv), dec_mel(za), None),
-                "a2v": (dec_frames(av), gt_mel, (adt, att)), "a2v0": (dec_frames(fv), gt_mel, (fdt, ftt)),
-                "v2a": (gt_frames, dec_mel(va), (vdt, vtt)), "v2a0": (gt_frames, dec_mel(fa), (fdt, ftt))}
-        for k, (fr, mel, tm) in runs.items():
-            acc[k][0].append(_analyse_both_ways(fr, mel, cap))
-            if tm is not None:
-                acc[k][1].append(tm[0])
-                acc[k][2].append(tm[1])
-        log(f"conditioned clip {i + 1}/{n}: {cap}")
-    names = {"gt": "ground-truth clip (detector check)", "chance": "chance level (ground truth, audio shifted 0.7 s)",
-             **names}
+    enc, a2v, a2v0, v2a, v2a0 = ("given latents decoded (the encoder check)",
+                                 "A->V: student, true audio given, generated video",
+                                 "A->V control: unconditioned student video vs the true audio",
+                                 "V->A: student, true video given, generated audio",
+                                 "V->A control: unconditioned student audio vs the true video")
+
+    def generate(cap, s, zv, za):
+        joint = _given_stream(d, cap, seconds, s)
+        return {enc: (zv, za, float("nan"), float("nan")), a2v: _given_stream(d, cap, seconds, s, Given("audio", za)),
+                a2v0: joint, v2a: _given_stream(d, cap, seconds, s, Given("video", zv)), v2a0: joint}
+    acc = measure(generate, {enc: None, a2v: "audio", a2v0: "audio", v2a: "video", v2a0: "video"}, d.codecs, n, seed,
+                  seconds, d.size, log, analyse_fn=_analyse_both_ways)
     rows = []
     for k, (res, times, ttfcs) in acc.items():
-        row = _row(names[k], res, times, ttfcs)
+        row = _row(k, res, times, ttfcs)
         row["onset_recall"] = onset_recall(res)
         row["onsets"] = sum(r["n_onsets"] for r in res)
         rows.append(row)

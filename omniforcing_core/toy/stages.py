@@ -33,7 +33,7 @@ from ..layout import make_clip as layout_clip
 from ..modality import AV
 from ..model import OmniForcingTransformer
 from ..noise import _mix
-from ..sampling import Sampler
+from ..sampling import Given, Sampler
 from ..schedule import ltx2_sigma_grid, make_schedule
 from .configs import StageConfig
 from .distributed import clip_gradients
@@ -208,12 +208,13 @@ def teacher_sample(model, textenc, captions: list[str], shape_v, shape_a, g: tor
     return xv, xa, (torch.stack(traj_v, 1), torch.stack(traj_a, 1))
 
 
-def rollout(model, clip, text, exit_step: int, schedule=None):
+def rollout(model, clip, text, exit_step: int, schedule=None, given=None):
     """Self-Forcing's generator rollout: inference exactly (the Sampler's steps, KV cache, clean
     refresh), except that every block exits at `exit_step` - earlier steps without gradient, the
     exit step in the caller's grad mode, the cache refresh without gradient on the detached block
-    (history carries no gradient). Returns (video, audio, sampler)."""
-    sampler = Sampler(model, clip, text, schedule=schedule)
+    (history carries no gradient). `given` (a sampling.Given): that modality held clean (A->V, V->A).
+    Returns (video, audio, sampler)."""
+    sampler = Sampler(model, clip, text, schedule=schedule, given=given)
     if not 0 <= exit_step < sampler.schedule.steps:
         raise ValueError(f"exit_step={exit_step} must lie in 0..{sampler.schedule.steps - 1}")
     grad, out = torch.is_grad_enabled(), []
@@ -260,6 +261,8 @@ class Stage:
 
     def _lr(self, opt, i: int, base: float):
         f = min(1.0, (i + 1) / self.cfg.warmup) if self.cfg.warmup else 1.0
+        if self.cfg.cooldown:  # weights taken at a constant rate carry its noise: end at a rate of ~0
+            f *= min(1.0, max(0.0, (self.cfg.steps - i) / self.cfg.cooldown))
         for gr in opt.param_groups:
             gr["lr"] = base * f
 
@@ -493,14 +496,31 @@ class DMDStage(Stage):
     def optimizers(self):
         return {"opt": self.opt, "critic_opt": self.copt}
 
-    def rollout(self, text, g: torch.Generator, i: int, grad: bool):
+    def rollout(self, text, g: torch.Generator, i: int, grad: bool, given=None):
         """The generator's rollout with this step's exit step, in `grad` mode at the exit step."""
         exit_step = self._exit_step(i, grad)
         clip = layout_clip(self.layout, self.cfg.size, self.cfg.size, num_blocks=self.num_blocks,
                            seed=_mix(self.cfg.seed, "rollout", i, self.rank) & 0xFFFFFFFF, batch=text.batch)
         with torch.set_grad_enabled(grad):
-            v, a, _ = rollout(self.model, clip, text, exit_step, self.schedule)
+            v, a, _ = rollout(self.model, clip, text, exit_step, self.schedule, given)
         return v, a, exit_step
+
+    def _given(self, i: int, idx: torch.Tensor):
+        """A `given_share` of the steps hold one modality (the clips' own latents) clean in the rollout, the
+        teacher and the critic: DMD of A->V / V->A, with loss on the generated modality only."""
+        g = step_generator(self.cfg, i, 0, salt="given")  # its own draws: given_share 0 changes nothing else
+        if not self.cfg.given_share or float(torch.rand((), generator=g)) >= self.cfg.given_share:
+            return None
+        mode = "video" if float(torch.rand((), generator=g)) < 0.5 else "audio"
+        return Given(mode, self.data[mode][idx].float())
+
+    @staticmethod
+    def _hold(given, x, noised, s):
+        """(noised video, noised audio), (video sigmas, audio sigmas) with a given modality clean at sigma 0."""
+        (xv, xa), (nv, na) = x, noised
+        hold_v, hold_a = (given is not None and given.modality == m for m in ("video", "audio"))
+        return ((xv if hold_v else nv, xa if hold_a else na),
+                (torch.zeros_like(s) if hold_v else s, torch.zeros_like(s) if hold_a else s))
 
     def _noisy(self, x, g, b):
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (b,), generator=g)
@@ -519,20 +539,24 @@ class DMDStage(Stage):
             unc = self.uncond_feats.expand(b, -1, -1)
         text_s = self.model.text_kv(feats, feats)
         out = {}
+        given = self._given(i, idx)
+        keep_v, keep_a = [float(given is None or given.modality != m) for m in ("video", "audio")]
         if i % cfg.gen_every == 0:  # generator update (the critic runs under no_grad: no toggling of
             # requires_grad, which under FSDP would reach only the parameters registered at that moment)
-            xv, xa, e = self.rollout(text_s, g, i, grad=True)
-            s, (nv, na), _ = self._noisy((xv.detach(), xa.detach()), g, b)
+            xv, xa, e = self.rollout(text_s, g, i, grad=True, given=given)
+            s, noised, _ = self._noisy((xv.detach(), xa.detach()), g, b)
+            (nv, na), (sv, sa) = self._hold(given, (xv.detach(), xa.detach()), noised, s)
             with torch.no_grad():
                 tt = self.teacher.text_kv(feats, feats)
                 tu = self.teacher.text_kv(unc, unc)
-                rv, ra = guided_x0(self.teacher, nv, na, s, s, tt, tu, cfg.cfg_video, cfg.cfg_audio, cfg_av=cfg.cfg_av)
+                rv, ra = guided_x0(self.teacher, nv, na, sv, sa, tt, tu, cfg.cfg_video, cfg.cfg_audio,
+                                   cfg_av=cfg.cfg_av)
                 ct = self.critic.text_kv(feats, feats)
-                fv, fa = guided_x0(self.critic, nv, na, s, s, ct, None, 1.0, 1.0)
+                fv, fa = guided_x0(self.critic, nv, na, sv, sa, ct, None, 1.0, 1.0)
                 gv = torch.nan_to_num((fv - rv) / (xv - rv).abs().mean((1, 2, 3, 4), keepdim=True).add(1e-8))
                 ga = torch.nan_to_num((fa - ra) / (xa - ra).abs().mean((1, 2, 3), keepdim=True).add(1e-8))
-            lv = 0.5 * F.mse_loss(xv, (xv - gv).detach())
-            la = 0.5 * F.mse_loss(xa, (xa - ga).detach())
+            lv = 0.5 * F.mse_loss(xv, (xv - gv).detach()) * keep_v
+            la = 0.5 * F.mse_loss(xa, (xa - ga).detach()) * keep_a
             loss = lv + cfg.audio_loss_weight * la
             self._lr(self.opt, i, cfg.lr)
             self.opt.zero_grad(set_to_none=True)
@@ -548,11 +572,12 @@ class DMDStage(Stage):
                 self.ema.load_state_dict(self.model.state_dict())
         # critic update (every step): flow matching on the generator's samples
         with torch.no_grad():
-            xv, xa, _ = self.rollout(text_s, g, i, grad=False)
-        s, (nv, na), (ev, ea) = self._noisy((xv, xa), g, b)
+            xv, xa, _ = self.rollout(text_s, g, i, grad=False, given=given)
+        s, noised, (ev, ea) = self._noisy((xv, xa), g, b)
+        (nv, na), (sv, sa) = self._hold(given, (xv, xa), noised, s)
         ct = self.critic.text_kv(feats, feats)
-        vv, va = self.critic(nv, na, s, s, ct, None)
-        cl = F.mse_loss(vv, ev - xv) + cfg.audio_loss_weight * F.mse_loss(va, ea - xa)
+        vv, va = self.critic(nv, na, sv, sa, ct, None)
+        cl = F.mse_loss(vv, ev - xv) * keep_v + cfg.audio_loss_weight * F.mse_loss(va, ea - xa) * keep_a
         self._lr(self.copt, i, cfg.critic_lr)
         self.copt.zero_grad(set_to_none=True)
         cl.backward()
@@ -573,8 +598,10 @@ class BidirectionalDMDStage(DMDStage):
         super().__init__(cfg, rank, world, device)
         self.clip = layout_clip(self.layout, cfg.size, cfg.size, seconds=cfg.seconds)
 
-    def rollout(self, text, g: torch.Generator, i: int, grad: bool):
+    def rollout(self, text, g: torch.Generator, i: int, grad: bool, given=None):
         """Whole-clip few-step sampling (x0 prediction, fresh noise between steps); exit step with grad."""
+        if given is not None:
+            raise ValueError("Stage I (bidirectional DMD) has no given modality: train it with given_share=0")
         sched = self.schedule
         exit_step = self._exit_step(i, grad)
         clip = dataclasses.replace(self.clip, batch=text.batch)
